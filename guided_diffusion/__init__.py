@@ -1,0 +1,1 @@
+"""Our guided-diffusion (ADM) UNet and Gaussian diffusion; loads the official checkpoints."""
