@@ -1,0 +1,129 @@
+"""Pictures of predictions: colourised label maps and an image | truth | prediction | uncertainty strip."""
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+# Ignored pixels are drawn black: no benchmark palette uses pure black, and
+# default_palette never does.
+IGNORE_COLOR = (0, 0, 0)
+PANEL_GAP = 4  # pixels of background between panels
+TITLE_HEIGHT = 14  # pixels above the panels holding their labels (when titles=True)
+BACKGROUND = (255, 255, 255)
+NO_LABEL_COLOR = (128, 128, 128)
+TEXT_COLOR = (0, 0, 0)
+PANEL_TITLES = ("image", "ground truth", "prediction", "uncertainty")
+
+
+def _to_numpy(x) -> np.ndarray:
+    if torch.is_tensor(x):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def colorize(mask, palette, ignore_label=None) -> np.ndarray:
+    """Label map [H, W] of class ids -> uint8 RGB [H, W, 3] using palette [K, 3].
+
+    Pixels equal to ignore_label are drawn IGNORE_COLOR, even when ignore_label is
+    also a palette index (bedroom_28 ignores class 0).
+    """
+    mask = _to_numpy(mask)
+    palette = np.asarray(palette)
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"mask must be a 2-D array of integer class ids, got shape {mask.shape} dtype {mask.dtype}")
+    if palette.ndim != 2 or palette.shape[1] != 3:
+        raise ValueError(f"palette must have shape [K, 3], got {palette.shape}")
+    if palette.size and (palette.min() < 0 or palette.max() > 255):
+        raise ValueError(f"palette values must lie in 0..255, got {palette.min()}..{palette.max()}")
+    ignored = mask == ignore_label if ignore_label is not None else np.zeros(mask.shape, dtype=bool)
+    ids = np.where(ignored, 0, mask).astype(np.int64)
+    outside = (ids < 0) | (ids >= len(palette))
+    if outside.any():
+        raise ValueError(
+            f"mask holds class ids {np.unique(ids[outside])[:10].tolist()} beyond the palette's "
+            f"{len(palette)} colours (ids 0..{len(palette) - 1}, ignore label {ignore_label})"
+        )
+    rgb = palette.astype(np.uint8)[ids]
+    rgb[ignored] = IGNORE_COLOR
+    return rgb
+
+
+def heatmap(values) -> np.ndarray:
+    """Non-negative map [H, W] -> uint8 RGB [H, W, 3], scaled to its own maximum.
+
+    Colour ramp black -> red -> yellow -> white, so more uncertain reads brighter.
+    Negative values (float rounding of a zero uncertainty) count as 0.
+    """
+    values = _to_numpy(values).astype(np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"heat map values must be 2-D, got shape {values.shape}")
+    values = np.clip(np.nan_to_num(values, nan=0.0), 0.0, None)
+    peak = values.max() if values.size else 0.0
+    t = values / peak if peak > 0 else np.zeros_like(values)
+    # Each channel rises over its own third of the ramp: red first, then green, then blue.
+    rgb = np.stack([np.clip(3 * t - shift, 0.0, 1.0) for shift in (0, 1, 2)], axis=-1)
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def _title_strip(text: str, width: int) -> Image.Image:
+    # Drawn on a strip of the panel's width so a long title is clipped, not spilled onto the next panel.
+    strip = Image.new("RGB", (width, TITLE_HEIGHT), BACKGROUND)
+    ImageDraw.Draw(strip).text((1, 1), text, fill=TEXT_COLOR, font=ImageFont.load_default())
+    return strip
+
+
+def _no_label_panel(height: int, width: int) -> np.ndarray:
+    panel = Image.new("RGB", (width, height), NO_LABEL_COLOR)
+    draw = ImageDraw.Draw(panel)
+    font = ImageFont.load_default()
+    left, top, right, bottom = draw.textbbox((0, 0), "no label", font=font)
+    xy = ((width - (right - left)) // 2, (height - (bottom - top)) // 2)
+    draw.text(xy, "no label", fill=TEXT_COLOR, font=font)
+    return np.asarray(panel)
+
+
+def _write_png_atomically(picture: Image.Image, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            picture.save(f, format="PNG")
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def save_prediction_picture(path, image, gt, pred, uncertainty, palette, ignore_label, titles=True) -> None:
+    """Write one PNG: image | ground truth | prediction | uncertainty, side by side.
+
+    image: uint8 [H, W, 3]; gt: label map [H, W] or None (panel says "no label");
+    pred: label map [H, W]; uncertainty: float map [H, W], drawn as a heat map scaled
+    to its own maximum. Panels are PANEL_GAP pixels apart; with titles, a
+    TITLE_HEIGHT strip above them names each one.
+    """
+    image = _to_numpy(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 [H, W, 3], got shape {image.shape} dtype {image.dtype}")
+    height, width = image.shape[:2]
+    for name, array in (("ground truth", gt), ("prediction", pred), ("uncertainty", uncertainty)):
+        if array is not None and tuple(_to_numpy(array).shape) != (height, width):
+            raise ValueError(f"{name} shape {tuple(_to_numpy(array).shape)} != image size {(height, width)}")
+    panels = [
+        image,
+        colorize(gt, palette, ignore_label) if gt is not None else _no_label_panel(height, width),
+        colorize(pred, palette, ignore_label),
+        heatmap(uncertainty),
+    ]
+    top = TITLE_HEIGHT if titles else 0
+    canvas = Image.new("RGB", (len(panels) * width + (len(panels) - 1) * PANEL_GAP, top + height), BACKGROUND)
+    for i, (panel, title) in enumerate(zip(panels, PANEL_TITLES)):
+        left = i * (width + PANEL_GAP)
+        canvas.paste(Image.fromarray(panel), (left, top))
+        if titles:
+            canvas.paste(_title_strip(title, width), (left, 0))
+    _write_png_atomically(canvas, path)

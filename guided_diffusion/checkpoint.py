@@ -1,0 +1,160 @@
+"""Load DDPM checkpoints (the official guided-diffusion files, or ours) safely and strictly.
+
+Checkpoints are plain state_dicts. They are read with weights_only=True, so a file that carries pickled
+code is refused instead of executed, and every failure names the file and what was expected.
+"""
+
+import json
+import os
+import pickle
+import re
+import warnings
+
+import torch
+
+from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+MODEL_FLAGS_FILENAME = "model_flags.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, unsafe, or built with other flags."""
+
+
+def safe_load(path: str, what: str = "checkpoint"):
+    """torch.load on CPU with weights_only=True, turning torch's internal errors into one clear message."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{what} {path!r} was refused: it holds pickled objects other than tensors and plain containers, "
+                "and loading it could execute code. Only state_dict checkpoints are accepted."
+            ) from None
+        raise CheckpointError(f"{what} {path!r} is not a PyTorch checkpoint ({e})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{what} {path!r} is not a readable PyTorch checkpoint (truncated, corrupt or another format): {first_line}"
+        ) from None
+
+
+def read_state_dict(path: str, what: str = "DDPM checkpoint") -> dict:
+    """A checkpoint that must be a flat state_dict {name: tensor}, as guided-diffusion saves it."""
+    obj = safe_load(path, what)
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = sorted(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{what} {path!r} is not a state_dict of tensors (found {found})")
+    return obj
+
+
+def _flag_hints(expected: dict, found: dict) -> list:
+    """Guess which model flag explains a key/shape mismatch, from the parameters that reveal each flag."""
+    hints = []
+
+    def shape(sd, key):
+        return tuple(sd[key].shape) if key in sd else None
+
+    out_exp, out_found = shape(expected, "out.2.weight"), shape(found, "out.2.weight")
+    if out_exp and out_found and out_exp[0] != out_found[0]:
+        sigma = out_found[0] == 2 * out_exp[0]
+        hints.append(
+            f"the checkpoint predicts {out_found[0]} output channels, the model {out_exp[0]}: "
+            f"try --learn_sigma {'True' if sigma else 'False'}"
+        )
+    emb_exp, emb_found = shape(expected, "time_embed.0.weight"), shape(found, "time_embed.0.weight")
+    if emb_exp and emb_found and emb_exp[1] != emb_found[1]:
+        hints.append(f"the checkpoint has {emb_found[1]} base channels: try --num_channels {emb_found[1]}")
+
+    def num_input_blocks(sd):
+        return len({int(m.group(1)) for k in sd for m in [re.match(r"input_blocks\.(\d+)\.", k)] if m})
+
+    n_exp, n_found = num_input_blocks(expected), num_input_blocks(found)
+    if n_exp != n_found:
+        hints.append(
+            f"the checkpoint has {n_found} input blocks, the model {n_exp}: the number of resolution levels "
+            "or res blocks differs; check --image_size (it sets the default channel_mult), --channel_mult "
+            "and --num_res_blocks"
+        )
+    if ("label_emb.weight" in found) != ("label_emb.weight" in expected):
+        hints.append(f"try --class_cond {'True' if 'label_emb.weight' in found else 'False'}")
+
+    def count(sd, part):
+        return sum(part in k for k in sd)
+
+    if count(expected, ".qkv.") != count(found, ".qkv."):
+        hints.append("the attention layers differ: check --attention_resolutions (given as resolutions, e.g. 32,16,8)")
+    if count(expected, ".op.") != count(found, ".op.") or count(expected, "in_layers") != count(found, "in_layers"):
+        hints.append("the down/upsampling layers differ: check --resblock_updown")
+    key = "input_blocks.1.0.emb_layers.1.weight"
+    if shape(expected, key) and shape(found, key) and shape(expected, key)[0] != shape(found, key)[0]:
+        hints.append(f"try --use_scale_shift_norm {'True' if shape(found, key)[0] > shape(expected, key)[0] else 'False'}")
+    return hints
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """load_state_dict(strict=True), but a mismatch lists the keys and shapes and suggests the wrong flag."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or wrong_shape:
+
+        def listing(title, items):
+            shown = "\n    ".join(items[:10]) + (f"\n    ... and {len(items) - 10} more" if len(items) > 10 else "")
+            return f"  {title} ({len(items)}):\n    {shown}" if items else ""
+
+        parts = [listing("missing keys", missing), listing("unexpected keys", unexpected),
+                 listing("shape mismatches", wrong_shape)]
+        hints = _flag_hints(expected, state_dict)
+        message = f"{source!r} does not match the model built from these flags:\n" + "\n".join(p for p in parts if p)
+        if hints:
+            message += "\n  probable cause:\n    " + "\n    ".join(hints)
+        raise CheckpointError(message)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def model_flags_path(checkpoint_path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), MODEL_FLAGS_FILENAME)
+
+
+def read_model_flags(checkpoint_path: str):
+    """The flags saved beside a checkpoint by `ddpm-seg train-ddpm`, or None for the official files."""
+    path = model_flags_path(checkpoint_path)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        flags = json.load(f)
+    unknown = sorted(set(flags) - set(model_and_diffusion_defaults()))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown model flags {unknown}")
+    return flags
+
+
+def load_ddpm(path: str, flags: dict, device=torch.device("cpu")):
+    """Build (model, diffusion) from guided-diffusion flags, load `path` strictly, move to `device`, eval mode.
+
+    use_fp16 halves the body's weights on CUDA, as the official code does; on CPU half-precision
+    convolutions are slow or unsupported, so it warns and stays in float32.
+    """
+    defaults = model_and_diffusion_defaults()
+    unknown = sorted(set(flags) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown model flags {unknown}; valid flags: {sorted(defaults)}")
+    model, diffusion = create_model_and_diffusion(**{**defaults, **flags})
+    load_state_dict_strict(model, read_state_dict(path), path)
+    device = torch.device(device)
+    model.to(device)
+    if flags.get("use_fp16"):
+        if device.type == "cuda":
+            model.convert_to_fp16()
+        else:
+            warnings.warn("use_fp16 is ignored on CPU: the UNet runs in float32", stacklevel=2)
+    model.eval()
+    return model, diffusion

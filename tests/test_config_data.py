@@ -1,0 +1,144 @@
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpm_seg.config import load_experiment, run_dir, validate_experiment
+from ddpm_seg.data import drop_small_classes, load_labelled_folder, resize_label
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER = {  # dataset: number_class, ignore_label, training_number, testing_number, checkpoint
+    "bedroom_28": (29, 0, 40, 20, "lsun_bedroom"),
+    "ffhq_34": (34, 255, 20, 20, "ffhq"),
+    "cat_15": (15, 255, 30, 20, "lsun_cat"),
+    "horse_21": (21, 255, 30, 30, "lsun_horse"),
+    "celeba_19": (19, 255, 20, 500, "ffhq"),
+    "ade_bedroom_30": (30, 255, 50, 650, "lsun_bedroom"),
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(PAPER))
+def test_paper_configs_hold_the_paper_values(dataset):
+    cfg = load_experiment(os.path.join(ROOT, "experiments", dataset, "ddpm.json"))
+    nc, ign, ntr, nte, ckpt = PAPER[dataset]
+    assert (cfg["number_class"], cfg["ignore_label"], cfg["training_number"], cfg["testing_number"]) == (nc, ign, ntr, nte)
+    assert cfg["model_path"] == f"checkpoints/ddpm/{ckpt}.pt"
+    assert cfg["steps"] == [50, 150, 250] and cfg["blocks"] == [5, 6, 7, 8, 12] and cfg["dim"] == [256, 256, 8448]
+    assert cfg["model_num"] == 10 and cfg["batch_size"] == 64 and cfg["share_noise"] and not cfg["input_activations"]
+    assert run_dir(cfg, 3) == f"pixel_classifiers/{dataset}/ddpm/50_150_250_5_6_7_8_12/seed_3"
+
+
+def test_original_file_loads_unchanged(tmp_path):
+    # The upstream bedroom_28/ddpm.json verbatim, including keys the code never reads.
+    original = {
+        "exp_dir": "pixel_classifiers/bedroom_28/ddpm", "model_type": "ddpm", "category": "bedroom_28",
+        "number_class": 29, "ignore_label": 0, "training_path": "datasets/bedroom_28/real/train",
+        "validation_path": "datasets/bedroom_28/ddpm", "testing_path": "datasets/bedroom_28/real/test",
+        "model_path": "checkpoints/ddpm/lsun_bedroom.pt", "dim": [256, 256, 8448], "steps": [50, 150, 250],
+        "blocks": [5, 6, 7, 8, 12], "model_num": 10, "batch_size": 64, "max_training": 30,
+        "training_number": 40, "testing_number": 20, "upsample_mode": "bilinear", "share_noise": True,
+        "input_activations": False,
+    }
+    path = tmp_path / "ddpm.json"
+    path.write_text(json.dumps(original))
+    assert load_experiment(str(path)) == original
+
+
+def _paper_cfg():
+    return load_experiment(os.path.join(ROOT, "experiments", "bedroom_28", "ddpm.json"))
+
+
+def test_unknown_key_lists_valid_keys():
+    cfg = dict(_paper_cfg(), stepz=[1])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['stepz'\].*valid keys are .*'steps'"):
+        validate_experiment(cfg, "x.json")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("dim", [256, 256], "'dim' must have 3 entries"),
+    ("steps", [50, -1], "'steps' must not contain negative"),
+    ("blocks", ["5"], "'blocks' must be a list of integers"),
+    ("share_noise", "yes", "'share_noise' must be of type bool"),
+    ("model_num", 0, "'model_num' must be positive"),
+])
+def test_bad_values_are_named(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        validate_experiment(dict(_paper_cfg(), **{key: value}), "x.json")
+
+
+def test_missing_file_and_bad_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_experiment(str(tmp_path / "nope.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        load_experiment(str(bad))
+
+
+def _write_pair(folder, stem, image, label, ext=".png"):
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(image).save(os.path.join(folder, stem + ext))
+    if label is not None:
+        np.save(os.path.join(folder, stem + ".npy"), label)
+
+
+def test_layout_sorted_recursive_first_n_and_resized(tmp_path):
+    rng = np.random.default_rng(0)
+    for i, sub in enumerate(["b", "a", "a/deep"]):
+        label = np.full((8, 8), i, dtype=np.uint8)
+        _write_pair(str(tmp_path / sub), f"img{i}", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), label)
+    items = load_labelled_folder(str(tmp_path), 2, (4, 4), number_class=3, ignore_label=255)
+    assert [os.path.relpath(it.path, tmp_path) for it in items] == ["a/deep/img2.png", "a/img1.png"]
+    assert items[0].image.shape == (4, 4, 3) and items[0].label.shape == (4, 4)
+    assert (items[0].label == 2).all() and (items[1].label == 1).all()
+
+
+def test_nearest_resize_matches_cv2_rule():
+    label = np.arange(16).reshape(4, 4)
+    # cv2.INTER_NEAREST picks floor(dst * in / out): rows/cols 0 and 2 when halving.
+    assert resize_label(label, (2, 2)).tolist() == [[0, 2], [8, 10]]
+    assert resize_label(np.array([[1, 2]]), (1, 4)).tolist() == [[1, 1, 2, 2]]
+
+
+def test_small_classes_become_ignored():
+    label = np.zeros((10, 10), dtype=np.int64)
+    label[0, :5] = 1          # 5 pixels: dropped
+    label[5:, :4] = 2         # 20 pixels: kept
+    out = drop_small_classes(label, number_class=3, ignore_label=255)
+    assert (out[0, :5] == 255).all() and (out[5:, :4] == 2).all() and (out == 0).sum() == 75
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", r"label .*img0.npy.* does not exist"),
+    ("shape", r"img0.npy.* has shape \(4, 4\) but its image .*img0.png.* is \(8, 8\)"),
+    ("class", r"img0.npy.* class ids \[7\] outside 0..2"),
+    ("unreadable_label", r"cannot read label .*img0.npy"),
+    ("unreadable_image", r"cannot read image .*img0.png"),
+])
+def test_bad_inputs_name_the_file(tmp_path, case, message):
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    label = np.zeros((8, 8), dtype=np.uint8)
+    if case == "shape":
+        label = np.zeros((4, 4), dtype=np.uint8)
+    if case == "class":
+        label[0, 0] = 7
+    _write_pair(str(tmp_path), "img0", image, None if case == "missing" else label)
+    if case == "unreadable_label":
+        (tmp_path / "img0.npy").write_bytes(b"garbage")
+    if case == "unreadable_image":
+        (tmp_path / "img0.png").write_bytes(b"garbage")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_labelled_folder(str(tmp_path), 1, (8, 8), number_class=3, ignore_label=255)
+    assert sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "*"))) == ["img0.npy", "img0.png"][
+        (1 if case == "missing" else 0):]
+
+
+def test_ignore_label_is_allowed_beyond_number_class(tmp_path):
+    label = np.full((8, 8), 255, dtype=np.uint8)
+    label[:4] = 1
+    _write_pair(str(tmp_path), "img0", np.zeros((8, 8, 3), dtype=np.uint8), label)
+    (item,) = load_labelled_folder(str(tmp_path), 1, (8, 8), number_class=2, ignore_label=255)
+    assert set(np.unique(item.label).tolist()) == {1, 255}
