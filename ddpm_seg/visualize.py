@@ -1,11 +1,10 @@
 """Pictures of predictions: colourised label maps and an image | truth | prediction | uncertainty strip."""
 
-import os
-import tempfile
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from ddpm_seg.utils import atomic_path
 
 # Ignored pixels are drawn black: no benchmark palette uses pure black, and
 # default_palette never does.
@@ -25,13 +24,15 @@ def _to_numpy(x) -> np.ndarray:
 
 
 def colorize(mask, palette, ignore_label=None) -> np.ndarray:
-    """Label map [H, W] of class ids -> uint8 RGB [H, W, 3] using palette [K, 3].
+    """Label map [H, W] of class ids -> uint8 RGB [H, W, 3] using palette [K, 3] (or flat [3K]).
 
     Pixels equal to ignore_label are drawn IGNORE_COLOR, even when ignore_label is
     also a palette index (bedroom_28 ignores class 0).
     """
     mask = _to_numpy(mask)
     palette = np.asarray(palette)
+    if palette.ndim == 1 and palette.size % 3 == 0:
+        palette = palette.reshape(-1, 3)  # flat [r0, g0, b0, r1, ...] as stored in class_info.json
     if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(f"mask must be a 2-D array of integer class ids, got shape {mask.shape} dtype {mask.dtype}")
     if palette.ndim != 2 or palette.shape[1] != 3:
@@ -85,19 +86,6 @@ def _no_label_panel(height: int, width: int) -> np.ndarray:
     return np.asarray(panel)
 
 
-def _write_png_atomically(picture: Image.Image, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            picture.save(f, format="PNG")
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
-
-
 def save_prediction_picture(path, image, gt, pred, uncertainty, palette, ignore_label, titles=True) -> None:
     """Write one PNG: image | ground truth | prediction | uncertainty, side by side.
 
@@ -126,4 +114,5 @@ def save_prediction_picture(path, image, gt, pred, uncertainty, palette, ignore_
         canvas.paste(Image.fromarray(panel), (left, top))
         if titles:
             canvas.paste(_title_strip(title, width), (left, 0))
-    _write_png_atomically(canvas, path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")

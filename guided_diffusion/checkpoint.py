@@ -34,7 +34,7 @@ def safe_load(path: str, what: str = "checkpoint"):
                 "and loading it could execute code. Only state_dict checkpoints are accepted."
             ) from None
         raise CheckpointError(f"{what} {path!r} is not a PyTorch checkpoint ({e})") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+    except Exception as e:  # torch's unpickler fails in many ways on foreign bytes (KeyError, IndexError, ...)
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
             f"{what} {path!r} is not a readable PyTorch checkpoint (truncated, corrupt or another format): {first_line}"
@@ -84,10 +84,16 @@ def _flag_hints(expected: dict, found: dict) -> list:
     def count(sd, part):
         return sum(part in k for k in sd)
 
-    if count(expected, ".qkv.") != count(found, ".qkv."):
+    if {k for k in expected if ".qkv." in k} != {k for k in found if ".qkv." in k}:
         hints.append("the attention layers differ: check --attention_resolutions (given as resolutions, e.g. 32,16,8)")
     if count(expected, ".op.") != count(found, ".op.") or count(expected, "in_layers") != count(found, "in_layers"):
         hints.append("the down/upsampling layers differ: check --resblock_updown")
+    widths_differ = any(
+        tuple(expected[k].shape) != tuple(v.shape) for k, v in found.items()
+        if k in expected and k.startswith(("input_blocks.", "output_blocks.")) and k.endswith("in_layers.0.weight")
+    )
+    if widths_differ and emb_exp == emb_found:
+        hints.append("the channel widths per level differ: check --channel_mult, or --image_size, which sets its default")
     key = "input_blocks.1.0.emb_layers.1.weight"
     if shape(expected, key) and shape(found, key) and shape(expected, key)[0] != shape(found, key)[0]:
         hints.append(f"try --use_scale_shift_norm {'True' if shape(found, key)[0] > shape(expected, key)[0] else 'False'}")

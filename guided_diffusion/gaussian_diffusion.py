@@ -94,7 +94,10 @@ class GaussianDiffusion:
 
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
-            raise ValueError(f"betas must be a 1-D array with values in (0, 1], got shape {betas.shape}")
+            raise ValueError(
+                f"betas must be a 1-D array with values in (0, 1], got shape {betas.shape}, "
+                f"range [{betas.min()}, {betas.max()}]"
+            )
         self.betas = betas
         self.num_timesteps = int(betas.shape[0])
 
@@ -121,6 +124,7 @@ class GaussianDiffusion:
 
         # FIXED_LARGE uses beta_t, except at t = 0 where the posterior variance gives a better decoder NLL.
         self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
         self.log_betas = np.log(betas)
 
     # ----- forward process -----
@@ -209,8 +213,7 @@ class GaussianDiffusion:
             variance = torch.exp(log_variance)
         else:
             if self.model_var_type == ModelVarType.FIXED_LARGE:
-                var_arr = self.fixed_large_variance
-                log_var_arr = np.log(self.fixed_large_variance)
+                var_arr, log_var_arr = self.fixed_large_variance, self.fixed_large_log_variance
             else:
                 var_arr, log_var_arr = self.posterior_variance, self.posterior_log_variance_clipped
             variance = _extract(var_arr, t, x)
@@ -269,7 +272,9 @@ class GaussianDiffusion:
                 x = step(model, x, t, **step_kwargs)["sample"]
         return x
 
-    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None, device=None, progress=False):
+    def p_sample_loop(
+        self, model, shape, noise=None, clip_denoised=True, model_kwargs=None, device=None, progress=False
+    ):
         """Ancestral sampling of a batch of `shape` = (N, C, H, W); tqdm bar when progress."""
         return self._sample_loop(
             self.p_sample, model, shape, noise, device, progress,

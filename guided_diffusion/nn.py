@@ -52,9 +52,10 @@ def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
     """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps: cosines first, then sines."""
     half = dim // 2
-    # The frequencies are computed in float32 like the checkpoints were trained with.
-    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
-    freqs = torch.exp(-math.log(max_period) * exponent)
+    # Frequencies are computed in float32 on the CPU and then moved, as the official code does, so
+    # CUDA runs get bit-identical embeddings (a device exp may round the last bit differently).
+    exponent = torch.arange(half, dtype=torch.float32) / half
+    freqs = torch.exp(-math.log(max_period) * exponent).to(timesteps.device)
     args = timesteps[:, None].float() * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

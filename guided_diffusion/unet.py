@@ -227,7 +227,9 @@ class AttentionBlock(nn.Module):
         if num_head_channels == -1:
             self.num_heads = num_heads
         elif channels % num_head_channels:
-            raise ValueError(f"attention channels {channels} are not divisible by num_head_channels {num_head_channels}")
+            raise ValueError(
+                f"attention channels {channels} are not divisible by num_head_channels {num_head_channels}"
+            )
         else:
             self.num_heads = channels // num_head_channels
         if channels % self.num_heads:

@@ -1,0 +1,311 @@
+"""The paper's pixel classifier ensemble: M small MLPs trained and evaluated as one batched module.
+
+Each member is the original `pixel_classifier`:
+    Linear(dim, h1) -> ReLU -> BatchNorm1d(h1) -> Linear(h1, h2) -> ReLU -> BatchNorm1d(h2) -> Linear(h2, C)
+with (h1, h2) = (128, 32), or (256, 128) when there are 30 classes or more. Instead of training the
+members one after the other, weights are stacked as [M, in, out] and every step runs all members at
+once with bmm, each on its own pixel batch. Members save to and load from the original per-member
+checkpoint format (`model_{i}.pth` holding a DataParallel state dict).
+"""
+
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .feature_store import sample_bilinear
+
+# Our layer name -> index of the same layer in the original nn.Sequential (`module.layers.<i>`).
+OFFICIAL_LAYERS = {"fc1": 0, "bn1": 2, "fc2": 3, "bn2": 5, "fc3": 6}
+
+
+def hidden_sizes(num_classes):
+    return (256, 128) if num_classes >= 30 else (128, 32)
+
+
+def member_seed(seed, m):
+    """Seed of member m: depends only on (seed, m), so a member is the same however many are trained."""
+    return int(np.random.SeedSequence([seed, m]).generate_state(1)[0])
+
+
+class BatchedLinear(nn.Module):
+    """M independent Linear layers: x [A, B, in] -> [A, B, out] for the members listed (all if None)."""
+
+    def __init__(self, num_members, in_features, out_features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_members, in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(num_members, out_features))
+
+    def forward(self, x, members=None):
+        weight, bias = (self.weight, self.bias) if members is None else (self.weight[members], self.bias[members])
+        return torch.baddbmm(bias.unsqueeze(1), x, weight)
+
+    def member_state(self, m):
+        return {"weight": self.weight[m].t(), "bias": self.bias[m]}
+
+
+class BatchedBatchNorm(nn.Module):
+    """M independent BatchNorm1d layers over x [A, B, F]: member statistics over its own batch of B.
+
+    Same semantics as nn.BatchNorm1d (biased batch variance to normalise, unbiased variance into the
+    running average, momentum 0.1, eps 1e-5). Computed in the parameters' dtype (float32 even
+    under autocast: batch statistics in bfloat16 would be too coarse).
+    """
+
+    def __init__(self, num_members, num_features, momentum=0.1, eps=1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.weight = nn.Parameter(torch.ones(num_members, num_features))
+        self.bias = nn.Parameter(torch.zeros(num_members, num_features))
+        self.register_buffer("running_mean", torch.zeros(num_members, num_features))
+        self.register_buffer("running_var", torch.ones(num_members, num_features))
+        self.register_buffer("num_batches_tracked", torch.zeros(num_members, dtype=torch.long))
+
+    def forward(self, x, members=None):
+        sel = slice(None) if members is None else members
+        x = x.to(self.weight.dtype)
+        if self.training:
+            n = x.shape[1]
+            if n < 2:
+                raise ValueError(f"batch norm needs more than 1 sample per member when training, got {n}")
+            mean, var = x.mean(1), x.var(1, unbiased=False)
+            with torch.no_grad():
+                mom = self.momentum
+                self.running_mean[sel] = (1 - mom) * self.running_mean[sel] + mom * mean
+                self.running_var[sel] = (1 - mom) * self.running_var[sel] + mom * var * (n / (n - 1))
+                self.num_batches_tracked[sel] += 1
+        else:
+            mean, var = self.running_mean[sel], self.running_var[sel]
+        scale = self.weight[sel] * torch.rsqrt(var + self.eps)
+        return (x - mean.unsqueeze(1)) * scale.unsqueeze(1) + self.bias[sel].unsqueeze(1)
+
+    def member_state(self, m):
+        return {
+            "weight": self.weight[m],
+            "bias": self.bias[m],
+            "running_mean": self.running_mean[m],
+            "running_var": self.running_var[m],
+            "num_batches_tracked": self.num_batches_tracked[m],
+        }
+
+
+class MLPEnsemble(nn.Module):
+    """`num_members` pixel classifiers as one module; forward(x [M, B, dim]) -> logits [M, B, num_classes]."""
+
+    def __init__(self, dim, num_classes, num_members=10, seed=0):
+        super().__init__()
+        self.dim, self.num_classes, self.num_members = dim, num_classes, num_members
+        h1, h2 = hidden_sizes(num_classes)
+        self.fc1 = BatchedLinear(num_members, dim, h1)
+        self.bn1 = BatchedBatchNorm(num_members, h1)
+        self.fc2 = BatchedLinear(num_members, h1, h2)
+        self.bn2 = BatchedBatchNorm(num_members, h2)
+        self.fc3 = BatchedLinear(num_members, h2, num_classes)
+        # The original init: Linear weights N(0, 0.02), biases 0; batch norm keeps weight 1, bias 0.
+        with torch.no_grad():
+            for m in range(num_members):
+                gen = torch.Generator().manual_seed(member_seed(seed, m))
+                for fc in (self.fc1, self.fc2, self.fc3):
+                    fc.weight[m].copy_(torch.randn(fc.weight.shape[1:], generator=gen) * 0.02)
+
+    def forward(self, x, members=None):
+        """x: [A, B, dim] for the A members listed in `members` (LongTensor; None = all M)."""
+        return self.tail(self.fc1(x, members), members)
+
+    def tail(self, z1, members=None):
+        """Everything after the first Linear, from its output z1 [A, B, h1]."""
+        h = self.bn1(F.relu(z1), members)
+        h = self.bn2(F.relu(self.fc2(h, members)), members)
+        return self.fc3(h, members)
+
+    # ---- the original per-member checkpoint format ----
+
+    def member_state_dict(self, m):
+        """Member m as the state dict of the original DataParallel(pixel_classifier) (CPU copies)."""
+        sd = {}
+        for name, index in OFFICIAL_LAYERS.items():
+            for key, value in getattr(self, name).member_state(m).items():
+                sd[f"module.layers.{index}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+        return sd
+
+    def load_member_state_dict(self, m, sd, source="state dict"):
+        """Load member m from an original-format state dict (keys with or without `module.`)."""
+        ours = {k.removeprefix("module."): v for k, v in self.member_state_dict(m).items()}
+        theirs = {k.removeprefix("module."): v for k, v in sd.items()}
+        missing = sorted(set(ours) - set(theirs))
+        unexpected = sorted(set(theirs) - set(ours))
+        wrong = [
+            f"{k}: {tuple(theirs[k].shape)} (expected {tuple(ours[k].shape)})"
+            for k in sorted(set(ours) & set(theirs))
+            if tuple(theirs[k].shape) != tuple(ours[k].shape)
+        ]
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"{source}: not a pixel classifier for dim={self.dim}, num_classes={self.num_classes}: "
+                f"missing keys {missing}, unexpected keys {unexpected}, wrong shapes {wrong}"
+            )
+        with torch.no_grad():
+            for name, index in OFFICIAL_LAYERS.items():
+                for key, target in getattr(self, name).member_state(m).items():
+                    target.copy_(theirs[f"layers.{index}.{key}"])  # .t() views write through
+
+    def save_member(self, path, m):
+        """Write member m to `path` as the original `{'model_state_dict': ...}` checkpoint (atomically)."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save({"model_state_dict": self.member_state_dict(m)}, tmp)
+        os.replace(tmp, path)
+
+    def load_member(self, path, m):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"pixel classifier checkpoint not found: {path}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
+            raise ValueError(f"{path}: expected a dict with key 'model_state_dict'")
+        self.load_member_state_dict(m, ckpt["model_state_dict"], source=path)
+
+
+def _freeze_member(optimizer, m):
+    """Pin member m's weights from now on.
+
+    A stopped member gets exactly zero gradient (it is left out of the forward), but Adam would keep
+    moving it along its first moment; with that moment zeroed, every later update is 0 / denom = 0.
+    """
+    for state in optimizer.state.values():
+        state["exp_avg"][m].zero_()
+
+
+def train_ensemble(
+    ensemble,
+    store,
+    sampler,
+    *,
+    seed,
+    batch_size=64,
+    max_epochs=100,
+    lr=1e-3,
+    members=None,
+    device=None,
+    autocast_dtype=None,
+    on_member_done=None,
+    progress=True,
+):
+    """Train the listed members (default all) together, each with the original schedule and stopping rule.
+
+    Member m draws its own shuffled stream of labelled pixels (seed member_seed(seed, m)), batch_size
+    per step; an epoch is one pass over its stream. From epoch index 4 on (the original `epoch > 3`),
+    each batch loss is compared with the member's best: a new best resets a counter, anything else
+    increments it, and the member stops once the counter exceeds 50, or after max_epochs.
+    on_member_done(m) is called as each member stops (save it there); members not listed are left
+    untouched. Returns {m: {"steps", "epoch", "best_loss"}}.
+    """
+    if device is not None:
+        ensemble.to(device)
+    device, dtype = ensemble.fc1.weight.device, ensemble.fc1.weight.dtype
+    members = list(range(ensemble.num_members)) if members is None else sorted(set(members))
+    if any(not 0 <= m < ensemble.num_members for m in members):
+        raise ValueError(f"members {members} out of range [0, {ensemble.num_members})")
+    if store.num_features != ensemble.dim:
+        raise ValueError(f"store has {store.num_features} features per pixel, ensemble expects {ensemble.dim}")
+    if store.image_size != sampler.image_size:
+        raise ValueError(f"store image size {store.image_size} differs from label size {sampler.image_size}")
+    used = sampler.labels[sampler.valid]
+    if used.min() < 0 or used.max() >= ensemble.num_classes:
+        raise ValueError(f"labels must lie in [0, {ensemble.num_classes}) or be ignored, found {used.min()}..{used.max()}")
+
+    streams = {m: sampler.stream(member_seed(seed, m), batch_size) for m in members}
+    stats = {m: {"steps": 0, "epoch": 0, "best_loss": 10000000.0} for m in members}  # original starts at 1e7
+    patience = {m: 0 for m in members}
+    optimizer = torch.optim.Adam(ensemble.parameters(), lr=lr)
+    ensemble.train()
+    active = list(members)
+    bar = tqdm(total=len(members), desc="members done", disable=not progress)
+
+    def finish(m):
+        active.remove(m)
+        _freeze_member(optimizer, m)
+        bar.update(1)
+        if on_member_done is not None:
+            on_member_done(m)
+
+    while active:
+        batches = {m: next(streams[m]) for m in active}
+        for m in list(active):
+            if batches[m][0] >= max_epochs:
+                finish(m)
+            else:
+                stats[m]["epoch"] = batches[m][0]
+        if not active:
+            break
+        # All streams have the same length and batch size, so the members' batches line up.
+        idx = torch.stack([batches[m][1] for m in active])
+        img, ys, xs, target = sampler.lookup(idx.view(-1))
+        x = store.gather(img, ys, xs, out_dtype=autocast_dtype or dtype)
+        x = x.to(device, non_blocking=True).view(*idx.shape, -1)
+        target = target.to(device, non_blocking=True).view(idx.shape)
+        sel = None if len(active) == ensemble.num_members else torch.tensor(active, device=device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = ensemble(x, sel)
+        losses = F.cross_entropy(logits.to(dtype).flatten(0, 1), target.view(-1), reduction="none")
+        losses = losses.view(idx.shape).mean(1)
+        optimizer.zero_grad()
+        losses.sum().backward()  # members share no parameters: each gets exactly its own gradient
+        optimizer.step()
+
+        for m, loss in zip(list(active), losses.tolist()):
+            stats[m]["steps"] += 1
+            if stats[m]["epoch"] > 3:
+                if loss < stats[m]["best_loss"]:
+                    stats[m]["best_loss"], patience[m] = loss, 0
+                else:
+                    patience[m] += 1
+                if patience[m] > 50:
+                    finish(m)
+        bar.set_postfix(loss=f"{losses.mean().item():.4f}", epoch=max(s["epoch"] for s in stats.values()))
+    bar.close()
+    return stats
+
+
+@torch.no_grad()
+def predict_logits(ensemble, maps, out_size, chunk=8192):
+    """Logits [M, C, H, W] of every member for one image, given its maps [C_k, h_k, w_k] in feature order.
+
+    The first Linear commutes with bilinear upsampling, so it is applied at each map's native
+    resolution (maps of equal resolution together) and only its [M * h1] output is upsampled,
+    instead of the full dim-channel stack. The rest runs per pixel, `chunk` pixels at a time,
+    with batch norm in eval mode (a chunk's temporaries are about 4 * chunk * M * h1 floats).
+    """
+    device, dtype = ensemble.fc1.weight.device, ensemble.fc1.weight.dtype
+    num_members, dim, h1 = ensemble.fc1.weight.shape
+    if sum(f.shape[0] for f in maps) != dim:
+        raise ValueError(f"maps have {sum(f.shape[0] for f in maps)} channels in total, ensemble expects {dim}")
+    # z1 = sum over maps of W1[rows of map k]^T x_k: group maps by resolution, each group one matmul.
+    groups = {}
+    start = 0
+    for fmap in maps:
+        groups.setdefault(tuple(fmap.shape[1:]), []).append((start, fmap))
+        start += fmap.shape[0]
+    low_res = []
+    for (h, w), items in groups.items():
+        feats = torch.cat([f.to(device, dtype).reshape(f.shape[0], h * w) for _, f in items])
+        weight = torch.cat([ensemble.fc1.weight[:, s:s + f.shape[0]] for s, f in items], dim=1)
+        z = feats.t() @ weight.transpose(0, 1).reshape(feats.shape[0], num_members * h1)
+        low_res.append(z.view(1, h, w, num_members * h1))
+
+    height, width = out_size
+    out = torch.empty(num_members, ensemble.num_classes, height * width, device=device)
+    was_training = ensemble.training
+    ensemble.eval()
+    try:
+        for begin in range(0, height * width, chunk):
+            pix = torch.arange(begin, min(begin + chunk, height * width), device=device)
+            ys, xs = pix.div(width, rounding_mode="floor"), pix.remainder(width)
+            img = torch.zeros_like(pix)
+            z1 = ensemble.fc1.bias.reshape(-1) + sum(sample_bilinear(z, img, ys, xs, out_size) for z in low_res)
+            logits = ensemble.tail(z1.view(-1, num_members, h1).transpose(0, 1))
+            out[:, :, begin:begin + pix.numel()] = logits.transpose(1, 2)
+    finally:
+        ensemble.train(was_training)
+    return out.view(num_members, ensemble.num_classes, height, width)

@@ -1,0 +1,283 @@
+"""Per-image activation maps kept at native resolution, and the pixel streams that train on them.
+
+The original pipeline upsampled every activation map to full image resolution in float32 before
+training (about 2.2 GB per 256x256 image for the DDPM features). Here maps stay at their own
+resolution (float16 by default) and only the pixels a training step needs are interpolated, with
+the exact arithmetic of `F.interpolate(mode="bilinear", align_corners=False)`.
+
+Storage layout is channels-last, [N, h, w, C] per map, so each bilinear neighbour is one contiguous
+row of C values: a gather is one row lookup per map.
+"""
+
+import copy
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+META_FILE = "meta.json"
+LAYOUT = "NHWC"
+# torch dtype -> (name in meta.json, numpy dtype, file suffix). numpy has no bfloat16, so memmaps
+# are limited to these two.
+_DTYPES = {
+    torch.float16: ("float16", np.float16, "f16"),
+    torch.float32: ("float32", np.float32, "f32"),
+}
+_DTYPE_BY_NAME = {name: dtype for dtype, (name, _, _) in _DTYPES.items()}
+
+
+def _source_index(in_size, out_size, dst):
+    """Neighbour indices and weight of output coordinates `dst` under bilinear resizing in_size -> out_size.
+
+    Same arithmetic as PyTorch for align_corners=False (float32 scale in/out, source coordinate
+    clamped at 0, upper neighbour clamped to in_size - 1), so results match F.interpolate.
+    """
+    src = ((dst.to(torch.float32) + 0.5) * (in_size / out_size) - 0.5).clamp_(min=0)
+    lo = src.long()  # src >= 0, so truncation is floor
+    hi = (lo + 1).clamp_(max=in_size - 1)
+    return lo, hi, src - lo
+
+
+def bilinear_taps(h, w, img, ys, xs, out_size):
+    """The 4 source rows [4 * P] (into a [N * h * w, C] table) and weights [4, P, 1] that bilinear
+    upsampling of h x w maps to out_size blends at pixels (img, ys, xs)."""
+    y0, y1, wy = _source_index(h, out_size[0], ys)
+    x0, x1, wx = _source_index(w, out_size[1], xs)
+    row0 = (img * h + y0) * w
+    row1 = (img * h + y1) * w
+    rows = torch.cat([row0 + x0, row0 + x1, row1 + x0, row1 + x1])
+    weights = torch.stack([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx])
+    return rows, weights.unsqueeze(-1)
+
+
+def blend(table, rows, weights):
+    """sum_k weights[k] * table[rows of tap k] -> [P, C], for a [N * h * w, C] table of any float dtype.
+
+    The result is float32 (float64 for a float64 table): the weights are float32."""
+    # F.embedding is a row gather like index_select, but about twice as fast on CPU for float16.
+    corners = F.embedding(rows, table).view(4, -1, table.shape[1])
+    # Multiplying by the float32 weights promotes float16 corners as it goes: no float32 copy of them.
+    out = corners[0] * weights[0]
+    for k in range(1, 4):
+        out.addcmul_(corners[k], weights[k])
+    return out
+
+
+def sample_bilinear(src, img, ys, xs, out_size):
+    """Rows [P, C] of the bilinear upsampling of `src` to `out_size`, at pixels (img, ys, xs).
+
+    src: [N, h, w, C] channels-last maps (any float dtype); img, ys, xs: LongTensor [P] on src's device.
+    Equals F.interpolate(src.permute(0, 3, 1, 2), out_size, mode="bilinear", align_corners=False)
+    [img, :, ys, xs], computed in float32 without materialising the upsampled maps.
+    """
+    n, h, w, c = src.shape
+    rows, weights = bilinear_taps(h, w, img, ys, xs, out_size)
+    return blend(src.reshape(n * h * w, c), rows, weights)
+
+
+def _write_json_atomic(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+class FeatureStore:
+    """Activation maps of `num_images` images, at native resolution, in RAM or memory-mapped under `root`.
+
+    map_shapes: [(C, h, w), ...] in feature order; the features of a pixel are the maps' channels
+    bilinearly upsampled to `image_size` (H, W) and concatenated in this order.
+    With `root`, each map lives in `<root>/map{k}.<f16|f32>` ([N, h, w, C] raw array) and
+    `<root>/meta.json` records shapes and which images are complete, so extraction can resume:
+    constructing a store over an existing root with the same description reopens it.
+    """
+
+    def __init__(self, map_shapes, image_size, num_images, dtype=torch.float16, root=None):
+        if dtype not in _DTYPES:
+            raise ValueError(f"FeatureStore dtype must be torch.float16 or torch.float32, got {dtype}")
+        self.map_shapes = [tuple(int(v) for v in shape) for shape in map_shapes]
+        if not self.map_shapes or any(len(s) != 3 or min(s) < 1 for s in self.map_shapes):
+            raise ValueError(f"map_shapes must be a non-empty list of positive (C, h, w), got {map_shapes}")
+        self.image_size = tuple(int(v) for v in image_size)
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise ValueError(f"image_size must be positive (H, W), got {image_size}")
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        self.num_images = int(num_images)
+        self.dtype = dtype
+        self.root = root
+        self._complete = np.zeros(self.num_images, dtype=bool)
+        self._memmaps = []
+        if root is None:
+            self._data = [torch.zeros(self.num_images, h, w, c, dtype=dtype) for c, h, w in self.map_shapes]
+        else:
+            self._data = self._attach(root)
+
+    @classmethod
+    def open(cls, root):
+        """Reopen a memory-mapped store written earlier under `root`."""
+        meta = cls._read_meta(root)
+        return cls(meta["map_shapes"], meta["image_size"], meta["num_images"], _DTYPE_BY_NAME[meta["dtype"]], root)
+
+    @staticmethod
+    def _read_meta(root):
+        path = os.path.join(root, META_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no feature store at {root}: {path} is missing")
+        with open(path) as f:
+            meta = json.load(f)
+        expected = {"layout", "dtype", "map_shapes", "image_size", "num_images", "complete"}
+        if not isinstance(meta, dict) or set(meta) != expected:
+            raise ValueError(f"{path}: expected keys {sorted(expected)}")
+        if meta["layout"] != LAYOUT or meta["dtype"] not in _DTYPE_BY_NAME:
+            raise ValueError(f"{path}: unsupported layout {meta['layout']!r} or dtype {meta['dtype']!r}")
+        return meta
+
+    def _meta(self):
+        return {
+            "layout": LAYOUT,
+            "dtype": _DTYPES[self.dtype][0],
+            "map_shapes": [list(s) for s in self.map_shapes],
+            "image_size": list(self.image_size),
+            "num_images": self.num_images,
+            "complete": [int(i) for i in np.flatnonzero(self._complete)],
+        }
+
+    def _attach(self, root):
+        """Create the map files under root, or reopen them if root already holds this same store."""
+        meta_path = os.path.join(root, META_FILE)
+        exists = os.path.isfile(meta_path)
+        if exists:
+            found = self._read_meta(root)
+            wanted = self._meta()
+            for key in ("dtype", "map_shapes", "image_size", "num_images"):
+                if found[key] != wanted[key]:
+                    raise ValueError(f"{meta_path}: {key} is {found[key]}, but this store wants {wanted[key]}")
+            self._complete[found["complete"]] = True
+        else:
+            os.makedirs(root, exist_ok=True)
+        _, np_dtype, suffix = _DTYPES[self.dtype]
+        data = []
+        for k, (c, h, w) in enumerate(self.map_shapes):
+            path = os.path.join(root, f"map{k}.{suffix}")
+            shape = (self.num_images, h, w, c)
+            if exists:
+                size = os.path.getsize(path) if os.path.isfile(path) else None
+                if size != int(np.prod(shape)) * np.dtype(np_dtype).itemsize:
+                    raise ValueError(f"{path}: expected a {np_dtype.__name__} array of shape {shape}, found size {size}")
+            mm = np.memmap(path, dtype=np_dtype, mode="r+" if exists else "w+", shape=shape)
+            self._memmaps.append(mm)
+            data.append(torch.from_numpy(mm))
+        if not exists:
+            _write_json_atomic(meta_path, self._meta())
+        return data
+
+    @property
+    def num_features(self):
+        return sum(c for c, _, _ in self.map_shapes)
+
+    @property
+    def nbytes(self):
+        return sum(d.numel() * d.element_size() for d in self._data)
+
+    @property
+    def device(self):
+        return self._data[0].device
+
+    def missing(self):
+        """Indices of images not yet `put` (what an interrupted extraction still has to do)."""
+        return [int(i) for i in np.flatnonzero(~self._complete)]
+
+    def put(self, i, maps):
+        """Store image i's maps, given as [C, h, w] tensors (any float dtype or device) in map order."""
+        if not 0 <= i < self.num_images:
+            raise ValueError(f"image index {i} out of range [0, {self.num_images})")
+        if len(maps) != len(self.map_shapes):
+            raise ValueError(f"expected {len(self.map_shapes)} maps, got {len(maps)}")
+        for k, (fmap, shape) in enumerate(zip(maps, self.map_shapes)):
+            if tuple(fmap.shape) != shape:
+                raise ValueError(f"map {k} has shape {tuple(fmap.shape)}, expected {shape}")
+        for data, fmap in zip(self._data, maps):
+            data[i].copy_(fmap.detach().permute(1, 2, 0))
+        # Data reaches disk before the image is marked complete, so a crash never leaves a
+        # half-written image that resume would skip.
+        for mm in self._memmaps:
+            mm.flush()
+        self._complete[i] = True
+        if self.root is not None:
+            _write_json_atomic(os.path.join(self.root, META_FILE), self._meta())
+
+    def maps(self, i):
+        """Image i's maps as [C, h, w] views into the store (store dtype; do not modify)."""
+        return [data[i].permute(2, 0, 1) for data in self._data]
+
+    def to(self, device):
+        """An in-memory copy of this store on `device` (e.g. the GPU, where gathers are fastest)."""
+        other = copy.copy(self)
+        other.root = None
+        other._memmaps = []
+        other._complete = self._complete.copy()
+        other._data = [d.to(device, copy=True) for d in self._data]
+        return other
+
+    def gather(self, img, ys, xs, out_dtype=torch.float32):
+        """Features [P, num_features] of pixels (img, ys, xs): every map bilinearly upsampled to
+        image_size (align_corners=False), sampled there and concatenated in map order."""
+        if not img.shape == ys.shape == xs.shape or img.dim() != 1:
+            raise ValueError(f"img, ys, xs must be 1-D of equal length, got {img.shape}, {ys.shape}, {xs.shape}")
+        img, ys, xs = (t.to(self.device) for t in (img, ys, xs))
+        out = torch.empty(img.numel(), self.num_features, dtype=out_dtype, device=self.device)
+        taps = {}  # maps of one resolution share their taps
+        start = 0
+        for data in self._data:
+            n, h, w, c = data.shape
+            if (h, w) not in taps:
+                taps[h, w] = bilinear_taps(h, w, img, ys, xs, self.image_size)
+            out[:, start:start + c] = blend(data.view(n * h * w, c), *taps[h, w])
+            start += c
+        return out
+
+
+class PixelSampler:
+    """The labelled (non-ignored) pixels of N label maps, served as shuffled per-member batches.
+
+    Pixels are identified by flat indices into labels.view(-1); `lookup` turns them into
+    (image, y, x, label).
+    """
+
+    def __init__(self, labels, ignore_label=255):
+        if labels.dim() != 3:
+            raise ValueError(f"labels must be [N, H, W], got shape {tuple(labels.shape)}")
+        self.image_size = tuple(labels.shape[1:])
+        self.labels = labels.reshape(-1).to("cpu", torch.long)
+        self.valid = torch.nonzero(self.labels != ignore_label).squeeze(1)
+        if self.valid.numel() < 2:
+            raise ValueError(f"need at least 2 labelled pixels (label != {ignore_label}), found {self.valid.numel()}")
+
+    def __len__(self):
+        return self.valid.numel()
+
+    def stream(self, seed, batch_size):
+        """Endless (epoch, flat pixel indices) batches: each epoch is a fresh shuffle of all
+        labelled pixels, every one exactly once. A final batch of a single pixel joins the one
+        before it, because batch norm cannot train on one sample."""
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (batch norm needs 2 samples), got {batch_size}")
+        gen = torch.Generator().manual_seed(seed)
+        epoch = 0
+        while True:
+            order = self.valid[torch.randperm(self.valid.numel(), generator=gen)]
+            batches = list(order.split(batch_size))
+            if len(batches) > 1 and batches[-1].numel() == 1:
+                batches[-2:] = [torch.cat(batches[-2:])]
+            for batch in batches:
+                yield epoch, batch
+            epoch += 1
+
+    def lookup(self, idx):
+        """(img, ys, xs, label) LongTensors for flat pixel indices idx."""
+        h, w = self.image_size
+        img, rest = idx.div(h * w, rounding_mode="floor"), idx.remainder(h * w)
+        return img, rest.div(w, rounding_mode="floor"), rest.remainder(w), self.labels[idx]

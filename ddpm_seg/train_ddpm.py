@@ -1,0 +1,372 @@
+"""train-ddpm: train a guided-diffusion DDPM on a folder of unlabelled images.
+
+Flags and checkpoint files follow guided-diffusion's image_train.py, so checkpoints from either
+side load into the other:
+    model{step:06d}.pt            plain state_dict of the UNetModel
+    ema_{rate}_{step:06d}.pt      the same keys, holding the exponential moving average
+    opt{step:06d}.pt              AdamW state_dict
+    model_flags.json              the model+diffusion flags that built the model
+Here `step` counts completed updates (model000100.pt holds the weights after 100 updates), and
+resuming from model{step}.pt continues from that step with the EMA and optimizer saved beside it.
+
+The data order, timesteps, noise and flips are functions of (seed, step, rank) alone, so a run that
+is stopped and resumed follows the same trajectory as one that is not.
+
+Under torchrun (WORLD_SIZE > 1) each process trains on its own shard with DistributedDataParallel
+(nccl on CUDA, gloo on CPU); --batch_size is per process and only rank 0 writes files.
+"""
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from guided_diffusion.checkpoint import (
+    MODEL_FLAGS_FILENAME,
+    load_state_dict_strict,
+    read_state_dict,
+    safe_load,
+)
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+
+from .data import list_images, read_image
+from .utils import atomic_torch_save, atomic_write_json, resolve_device, seed_everything
+
+LOG_FILENAME = "train_log.jsonl"
+
+
+def train_defaults():
+    """The training flags (image_train.py's, plus max_steps, seed, device, out_dir, precision, num_workers)."""
+    return dict(
+        data_dir="",
+        out_dir="",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,  # > 0: lr decays linearly to 0 and training stops at this step
+        max_steps=0,  # > 0: stop at this step (counted across resumes); 0 with no annealing runs forever
+        batch_size=1,  # per process
+        microbatch=-1,  # -1: no gradient accumulation
+        ema_rate="0.9999",  # comma-separated list for several EMAs
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        seed=0,
+        device="auto",
+        precision="fp32",  # fp32 or bf16 (autocast; weights, EMA and optimizer stay float32)
+        num_workers=1,
+    )
+
+
+def train_ddpm_defaults():
+    """All flags of train-ddpm: model and diffusion flags plus training flags."""
+    return {**model_and_diffusion_defaults(), **train_defaults()}
+
+
+def add_train_ddpm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add_dict_to_argparser(parser, train_ddpm_defaults())
+    return parser
+
+
+class ImageFolderDataset(Dataset):
+    """Images found recursively under a folder, centre-cropped to image_size, as [3, H, W] floats in [-1, 1]."""
+
+    def __init__(self, folder, image_size):
+        self.paths = list_images(folder)
+        if not self.paths:
+            raise FileNotFoundError(f"no .jpg/.jpeg/.png images found under data_dir {folder!r}")
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        image = center_crop_arr(Image.fromarray(read_image(self.paths[index])), self.image_size)
+        return torch.tensor(image).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
+    """Resize the short side to image_size, then crop the centre square (uint8 HxWx3)."""
+    scale = image_size / min(image.size)
+    # reducing_gap box-filters large images down first, as the official loader does, so bicubic
+    # resampling of a much larger image does not alias.
+    image = image.resize(
+        tuple(max(image_size, round(s * scale)) for s in image.size), Image.BICUBIC, reducing_gap=2.0
+    )
+    arr = np.asarray(image)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top : top + image_size, left : left + image_size]
+
+
+class ShardedBatchSampler(Sampler):
+    """Endless batches, starting at `start_step`. Epoch e is permutation (seed, e) of the images,
+    split across ranks, so every batch is determined by (seed, step, rank) and resuming is exact."""
+
+    def __init__(self, num_images, batch_size, seed, rank, world_size, start_step):
+        self.per_rank = num_images // world_size
+        self.batches_per_epoch = self.per_rank // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{num_images} images over {world_size} process(es) leave {self.per_rank} per process, "
+                f"fewer than batch_size={batch_size}; use a smaller --batch_size or more images"
+            )
+        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            epoch, k = divmod(step, self.batches_per_epoch)
+            if k == 0 or step == self.start_step:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+                shard = order[self.rank :: self.world_size][: self.per_rank]
+            yield shard[k * self.batch_size : (k + 1) * self.batch_size].tolist()
+            step += 1
+
+
+def step_generator(seed, rank, step):
+    """A CPU generator for one step's timesteps, noise and flips, independent of all other steps."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+def parse_resume_step(path):
+    """model001000.pt -> 1000; any other name (e.g. a released checkpoint to fine-tune) -> 0."""
+    match = re.fullmatch(r"model(\d+)\.pt", os.path.basename(path))
+    return int(match.group(1)) if match else 0
+
+
+def parse_ema_rates(text):
+    try:
+        rates = [float(r) for r in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"--ema_rate must be a comma list of floats like '0.9999', got {text!r}") from None
+    if not all(0 <= r < 1 for r in rates):
+        raise ValueError(f"--ema_rate values must lie in [0, 1), got {text!r}")
+    return rates
+
+
+def checkpoint_paths(out_dir, step, ema_rates):
+    return {
+        "model": os.path.join(out_dir, f"model{step:06d}.pt"),
+        "ema": {rate: os.path.join(out_dir, f"ema_{rate}_{step:06d}.pt") for rate in ema_rates},
+        "opt": os.path.join(out_dir, f"opt{step:06d}.pt"),
+    }
+
+
+class EMA:
+    """Moving averages of a model's parameters; state_dict() has the model's keys (buffers copied as is)."""
+
+    def __init__(self, model, rate):
+        self.rate = rate
+        self.params = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model):
+        for name, p in model.named_parameters():
+            self.params[name].lerp_(p.detach(), 1 - self.rate)
+
+    def load_state_dict(self, state_dict, source):
+        missing = sorted(set(self.params) - set(state_dict))
+        if missing:
+            raise ValueError(f"EMA checkpoint {source!r} lacks parameters {missing[:5]} of the model")
+        for name, p in self.params.items():
+            p.copy_(state_dict[name])
+
+    def state_dict(self, model):
+        return {name: self.params.get(name, value).detach().cpu() for name, value in model.state_dict().items()}
+
+
+def _resolve_options(args):
+    """Namespace from the CLI (extra keys of the parent parser ignored) or a dict (unknown keys refused)."""
+    defaults = train_ddpm_defaults()
+    if isinstance(args, argparse.Namespace):
+        given = {k: v for k, v in vars(args).items() if k in defaults}
+    else:
+        unknown = sorted(set(args) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown train-ddpm options {unknown}; valid options: {sorted(defaults)}")
+        given = dict(args)
+    opts = SimpleNamespace(**{**defaults, **given})
+    if not opts.data_dir:
+        raise ValueError("train-ddpm needs --data_dir (a folder of training images)")
+    if not opts.out_dir:
+        raise ValueError("train-ddpm needs --out_dir (where checkpoints are written)")
+    if opts.class_cond:
+        raise ValueError("class_cond=True needs class labels, which train-ddpm does not read; use class_cond=False")
+    if opts.precision not in ("fp32", "bf16"):
+        raise ValueError(f"--precision must be fp32 or bf16, got {opts.precision!r}")
+    if opts.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {opts.batch_size}")
+    return opts
+
+
+def _setup_distributed(device_name):
+    """(rank, world_size, device, initialised_here) from torchrun's environment; single process without it."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world_size == 1:
+        return 0, 1, device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    initialised_here = not dist.is_initialized()
+    if initialised_here:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, initialised_here
+
+
+def _load_saved_state(checkpoint_dir, step, emas, opt):
+    """Restore the EMAs and optimizer saved at `step` beside a resumed model; absent files keep their fresh state."""
+    saved = checkpoint_paths(checkpoint_dir, step, [ema.rate for ema in emas])
+    for ema in emas:
+        if os.path.isfile(saved["ema"][ema.rate]):
+            path = saved["ema"][ema.rate]
+            ema.load_state_dict(read_state_dict(path, "EMA checkpoint"), path)
+    if os.path.isfile(saved["opt"]):
+        opt.load_state_dict(safe_load(saved["opt"], "optimizer checkpoint"))
+
+
+def _save(out_dir, step, model, emas, opt):
+    paths = checkpoint_paths(out_dir, step, [ema.rate for ema in emas])
+    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, paths["model"])
+    for ema in emas:
+        atomic_torch_save(ema.state_dict(model), paths["ema"][ema.rate])
+    atomic_torch_save(opt.state_dict(), paths["opt"])
+
+
+def _train_step(model, diffusion, opt, batch, gen, microbatch, autocast):
+    """One optimizer update on `batch`; returns the batch's mean loss (a 0-d tensor, not synced)."""
+    opt.zero_grad(set_to_none=True)
+    n = batch.shape[0]
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], batch.flip(3), batch)
+    t = torch.randint(0, diffusion.num_timesteps, (n,), generator=gen)
+    noise = torch.randn(x.shape, generator=gen)
+    device = next(model.parameters()).device
+    x, t, noise = x.to(device), t.to(device), noise.to(device)
+
+    size = n if microbatch <= 0 else microbatch
+    total = torch.zeros((), device=device)
+    for start in range(0, n, size):
+        end = min(start + size, n)
+        # DDP all-reduces gradients on every backward; only the last microbatch needs it.
+        sync = end == n or not isinstance(model, DistributedDataParallel)
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast():
+                losses = diffusion.training_losses(model, x[start:end], t[start:end], noise=noise[start:end])
+            # Sum / n: accumulated gradients equal those of the whole batch's mean loss.
+            loss = losses["loss"].float().sum() / n
+            loss.backward()
+        total += loss.detach()
+    opt.step()
+    return total
+
+
+def train_ddpm(args):
+    """Train a DDPM; `args` is the CLI's Namespace or a dict of options (see train_ddpm_defaults()).
+
+    Returns a dict of what the run ended with: step (int), model, opt and model_flags (paths),
+    ema ({rate: path}), and log (path of the JSON-lines loss log).
+    """
+    opts = _resolve_options(args)
+    rank, world_size, device, initialised_here = _setup_distributed(opts.device)
+    try:
+        return _run(opts, rank, world_size, device)
+    finally:
+        if initialised_here:
+            dist.destroy_process_group()
+
+
+def _run(opts, rank, world_size, device):
+    flags = {k: getattr(opts, k) for k in model_and_diffusion_defaults()}
+    ema_rates = parse_ema_rates(opts.ema_rate)
+    # The same seed on every rank gives every rank the same initial weights.
+    seed_everything(opts.seed)
+    model, diffusion = create_model_and_diffusion(**flags)
+    model.to(device)
+    dataset = ImageFolderDataset(opts.data_dir, opts.image_size)
+
+    step = 0
+    if opts.resume_checkpoint:
+        step = parse_resume_step(opts.resume_checkpoint)
+        load_state_dict_strict(model, read_state_dict(opts.resume_checkpoint), opts.resume_checkpoint)
+    emas = [EMA(model, rate) for rate in ema_rates]
+    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    if step:
+        _load_saved_state(os.path.dirname(os.path.abspath(opts.resume_checkpoint)), step, emas, opt)
+    end_step = min([s for s in (opts.lr_anneal_steps, opts.max_steps) if s > 0], default=None)
+
+    sampler = ShardedBatchSampler(len(dataset), opts.batch_size, opts.seed, rank, world_size, step)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=opts.num_workers)
+    train_model = model
+    if world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if opts.precision == "bf16":
+        autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext
+
+    out = {
+        "model_flags": os.path.join(opts.out_dir, MODEL_FLAGS_FILENAME),
+        "log": os.path.join(opts.out_dir, LOG_FILENAME),
+    }
+    if rank == 0:
+        atomic_write_json(out["model_flags"], flags)
+    bar = tqdm(initial=step, total=end_step, desc="train-ddpm", disable=rank != 0, dynamic_ncols=True)
+    loss_sum, loss_count, saved_step = 0.0, 0, None
+    batches = iter(loader)
+    while end_step is None or step < end_step:
+        batch = next(batches)
+        if opts.lr_anneal_steps:
+            for group in opt.param_groups:
+                group["lr"] = opts.lr * (1 - step / opts.lr_anneal_steps)
+        loss = _train_step(train_model, diffusion, opt, batch, step_generator(opts.seed, rank, step),
+                           opts.microbatch, autocast)
+        for ema in emas:
+            ema.update(model)
+        step += 1
+        bar.update(1)
+        # The logged loss is rank 0's; reading it syncs with the device, so only every log_interval.
+        loss_sum, loss_count = loss_sum + loss, loss_count + 1
+        if rank == 0 and step % opts.log_interval == 0:
+            mean = float(loss_sum) / loss_count
+            bar.set_postfix(loss=f"{mean:.4f}")
+            with open(out["log"], "a") as f:
+                f.write(json.dumps({"step": step, "loss": mean, "lr": opt.param_groups[0]["lr"]}) + "\n")
+            loss_sum, loss_count = 0.0, 0
+        if rank == 0 and step % opts.save_interval == 0:
+            _save(opts.out_dir, step, model, emas, opt)
+            saved_step = step
+    bar.close()
+    if rank == 0 and saved_step != step:
+        _save(opts.out_dir, step, model, emas, opt)
+    if world_size > 1:
+        # Other ranks wait for rank 0's files before anyone leaves.
+        dist.barrier()
+    return {"step": step, **checkpoint_paths(opts.out_dir, step, ema_rates), **out}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_train_ddpm_args(parser)
+    result = train_ddpm(parser.parse_args(argv))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_seg.backbones.ddpm import DDPMFeatureExtractor, shared_noise
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16", num_head_channels=16,
+            learn_sigma=True, diffusion_steps=100)
+STEPS, BLOCKS = [5, 40], [1, 3, 5]
+
+
+def _model():
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **TINY})
+    return model.eval(), diffusion
+
+
+def _reference_features(model, diffusion, image, noise, input_activations=False):
+    """The original's way: one full forward per step, hooks on every block, upsample each map, concatenate."""
+    x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 127.5 - 1
+    grabbed, handles = {}, []
+    for b in BLOCKS:
+        def hook(module, inputs, output, b=b):
+            grabbed[b] = inputs[0] if input_activations else output
+        handles.append(model.output_blocks[b].register_forward_hook(hook))
+    maps = []
+    with torch.no_grad():
+        for t in STEPS:
+            tt = torch.tensor([t])
+            model(diffusion.q_sample(x, tt, noise=noise), tt)
+            maps += [grabbed[b] for b in BLOCKS]
+    for h in handles:
+        h.remove()
+    return torch.cat([F.interpolate(m, size=(32, 32), mode="bilinear") for m in maps], dim=1)[0]
+
+
+@pytest.mark.parametrize("input_activations", [False, True])
+def test_features_equal_full_forward_and_upsampling(input_activations):
+    model, diffusion = _model()
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    noise = shared_noise(7, (32, 32), torch.device("cpu"))
+    extractor = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, input_activations, noise)
+    maps = extractor(image)
+    assert len(maps) == len(STEPS) * len(BLOCKS)
+    ours = torch.cat([F.interpolate(m[None], size=(32, 32), mode="bilinear")[0] for m in maps])
+    expected = _reference_features(model, diffusion, image, noise, input_activations)
+    assert ours.shape == expected.shape
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_forward_stops_after_the_deepest_hooked_block():
+    model, diffusion = _model()
+    ran = []
+    model.output_blocks[6].register_forward_hook(lambda *a: ran.append(6))
+    model.out.register_forward_hook(lambda *a: ran.append("out"))
+    extractor = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, None)
+    extractor(np.zeros((32, 32, 3), dtype=np.uint8))
+    assert ran == []
+
+
+def test_shared_noise_is_seeded_and_fresh_noise_is_not():
+    model, diffusion = _model()
+    image = np.full((32, 32, 3), 128, dtype=np.uint8)
+    a = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, shared_noise(1, (32, 32), "cpu"))(image)
+    b = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, shared_noise(1, (32, 32), "cpu"))(image)
+    c = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, None)(image)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.allclose(a[0], c[0])
+
+
+def test_out_of_range_blocks_and_steps():
+    model, diffusion = _model()
+    with pytest.raises(ValueError, match=r"blocks \[8\] out of range: this UNet has output blocks 0..7"):
+        DDPMFeatureExtractor(model, diffusion, STEPS, [1, 8], False, None)
+    with pytest.raises(ValueError, match=r"steps \[100\] out of range: the diffusion has timesteps 0..99"):
+        DDPMFeatureExtractor(model, diffusion, [5, 100], BLOCKS, False, None)
