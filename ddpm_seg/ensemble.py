@@ -8,15 +8,16 @@ once with bmm, each on its own pixel batch. Members save to and load from the or
 checkpoint format (`model_{i}.pth` holding a DataParallel state dict).
 """
 
-import os
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from guided_diffusion.checkpoint import safe_load
+
 from .feature_store import sample_bilinear
+from .utils import atomic_torch_save
 
 # Our layer name -> index of the same layer in the original nn.Sequential (`module.layers.<i>`).
 OFFICIAL_LAYERS = {"fc1": 0, "bn1": 2, "fc2": 3, "bn2": 5, "fc3": 6}
@@ -154,14 +155,10 @@ class MLPEnsemble(nn.Module):
 
     def save_member(self, path, m):
         """Write member m to `path` as the original `{'model_state_dict': ...}` checkpoint (atomically)."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save({"model_state_dict": self.member_state_dict(m)}, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save({"model_state_dict": self.member_state_dict(m)}, path)
 
     def load_member(self, path, m):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"pixel classifier checkpoint not found: {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = safe_load(path, "pixel classifier checkpoint")
         if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
             raise ValueError(f"{path}: expected a dict with key 'model_state_dict'")
         self.load_member_state_dict(m, ckpt["model_state_dict"], source=path)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .utils import atomic_write_json
+
 META_FILE = "meta.json"
 LAYOUT = "NHWC"
 # torch dtype -> (name in meta.json, numpy dtype, file suffix). numpy has no bfloat16, so memmaps
@@ -75,13 +77,6 @@ def sample_bilinear(src, img, ys, xs, out_size):
     n, h, w, c = src.shape
     rows, weights = bilinear_taps(h, w, img, ys, xs, out_size)
     return blend(src.reshape(n * h * w, c), rows, weights)
-
-
-def _write_json_atomic(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 class FeatureStore:
@@ -171,7 +166,7 @@ class FeatureStore:
             self._memmaps.append(mm)
             data.append(torch.from_numpy(mm))
         if not exists:
-            _write_json_atomic(meta_path, self._meta())
+            atomic_write_json(meta_path, self._meta())
         return data
 
     @property
@@ -207,7 +202,7 @@ class FeatureStore:
             mm.flush()
         self._complete[i] = True
         if self.root is not None:
-            _write_json_atomic(os.path.join(self.root, META_FILE), self._meta())
+            atomic_write_json(os.path.join(self.root, META_FILE), self._meta())
 
     def maps(self, i):
         """Image i's maps as [C, h, w] views into the store (store dtype; do not modify)."""

@@ -1,0 +1,200 @@
+"""train-interpreter: config -> feature extractor -> feature store -> ensemble -> predictions, mIoU, pictures.
+
+One run = one seed, in <exp_dir>/<steps_blocks>/seed_<seed>/. Members already saved there are kept,
+so a stopped run resumes with the members it has not saved yet.
+"""
+
+import argparse
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from guided_diffusion.checkpoint import read_model_flags
+from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict, model_and_diffusion_defaults
+
+from .backbones import create_feature_extractor
+from .class_info import dataset_info, dataset_names, default_class_names, default_palette
+from .config import check_paths, load_experiment, run_dir
+from .data import load_labelled_folder
+from .ensemble import MLPEnsemble, predict_logits, train_ensemble
+from .evaluate import ConfusionMatrix, format_iou_table, image_uncertainty_score, majority_vote, uncertainty_map
+from .feature_store import FeatureStore, PixelSampler
+from .utils import atomic_save_npy, atomic_write_json, resolve_device, seed_everything
+from .visualize import save_prediction_picture
+
+AUTOCAST = {"none": None, "bf16": torch.bfloat16}
+STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# RAM store only while the features take less than this share of the memory available now.
+RAM_STORE_SHARE = 0.5
+
+
+def add_args(parser):
+    parser.add_argument("--exp", required=True, help="experiment config, e.g. experiments/bedroom_28/ddpm.json")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    parser.add_argument("--store", choices=["auto", "ram", "disk"], default="auto",
+                        help="where training features live: RAM, memory-mapped files in the run folder, or "
+                             "RAM when they take less than half the available memory")
+    parser.add_argument("--store_dtype", choices=sorted(STORE_DTYPES), default="float16")
+    parser.add_argument("--autocast", choices=sorted(AUTOCAST), default="bf16",
+                        help="mixed precision for ensemble training (bf16 runs ~4x faster on CPU)")
+    parser.add_argument("--random_init", action="store_true",
+                        help="use the backbone at random initialisation instead of model_path (a baseline)")
+    parser.add_argument("--run_dir", default=None, help="override the run folder (default <exp_dir>/<suffix>/seed_<seed>)")
+    parser.add_argument("--no_pictures", action="store_true", help="skip the per-image PNGs")
+    add_dict_to_argparser(parser, model_and_diffusion_defaults())
+
+
+def explicit_flags(argv):
+    """Model flags named on the command line (as --flag value or --flag=value)."""
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    return given & set(model_and_diffusion_defaults())
+
+
+def resolve_model_flags(cfg, args, argv):
+    """Flags saved beside a checkpoint of ours win over defaults; flags typed on the command line win over both."""
+    cli = args_to_dict(args, model_and_diffusion_defaults().keys())
+    saved = read_model_flags(cfg["model_path"]) if cfg["model_type"] == "ddpm" else None
+    if saved is None:
+        return cli
+    return {**cli, **saved, **{k: cli[k] for k in explicit_flags(argv)}}
+
+
+def class_table(cfg):
+    category = cfg.get("category")
+    if category in dataset_names():
+        info = dataset_info(category)
+        return info["class_names"], info["palette"]
+    return default_class_names(cfg["number_class"]), default_palette(cfg["number_class"])
+
+
+def available_memory_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_feature_size(cfg, maps, exp_path):
+    total = sum(m.shape[0] for m in maps)
+    if total != cfg["dim"][-1]:
+        raise ValueError(
+            f"{exp_path}: dim[-1] is {cfg['dim'][-1]} but steps {cfg['steps']} x blocks {cfg['blocks']} of this "
+            f"model give {total} features per pixel; set dim[-1] to {total}"
+        )
+
+
+def extract_training_store(extractor, items, first_maps, args, store_root):
+    """Extract every training image's maps into a FeatureStore (resuming a disk store that was cut short)."""
+    shapes = [tuple(m.shape) for m in first_maps]
+    dtype = STORE_DTYPES[args.store_dtype]
+    per_image = sum(c * h * w for c, h, w in shapes) * torch.finfo(dtype).bits // 8
+    use_disk = args.store == "disk" or (
+        args.store == "auto" and per_image * len(items) > RAM_STORE_SHARE * available_memory_bytes())
+    store = FeatureStore(shapes, items[0].label.shape, len(items), dtype=dtype, root=store_root if use_disk else None)
+    todo = store.missing()
+    for i in tqdm(todo, desc="extract train features"):
+        store.put(i, first_maps if i == 0 else extractor(items[i].image))
+    return store
+
+
+def member_path(folder, m):
+    return os.path.join(folder, f"model_{m}.pth")
+
+
+def evaluate(extractor, ensemble, items, cfg, folder, pictures=True):
+    class_names, palette = class_table(cfg)
+    matrix = ConfusionMatrix(cfg["number_class"], cfg["ignore_label"])
+    scores = []
+    root = os.path.commonpath([os.path.dirname(it.path) for it in items])
+    for item in tqdm(items, desc="evaluate"):
+        logits = predict_logits(ensemble, extractor(item.image), item.label.shape)
+        pred, unc = majority_vote(logits).cpu(), uncertainty_map(logits).cpu()
+        matrix.update(pred, item.label)
+        scores.append(image_uncertainty_score(unc))
+        stem = os.path.splitext(os.path.relpath(item.path, root))[0].replace(os.sep, "__")
+        atomic_save_npy(os.path.join(folder, "predictions", stem + ".npy"), pred.numpy().astype(np.uint8))
+        if pictures:
+            save_prediction_picture(os.path.join(folder, "predictions", stem + ".png"), item.image, item.label,
+                                    pred.numpy(), unc.numpy(), palette, cfg["ignore_label"])
+    ious = matrix.iou()
+    miou = matrix.miou()
+    print(format_iou_table(ious, class_names, miou, ignore_label=cfg["ignore_label"]))
+    return {
+        "miou": miou,
+        "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, ious)},
+        "mean_uncertainty": float(np.mean(scores)),
+        "uncertainty_scores": scores,
+        "num_test_images": len(items),
+    }
+
+
+def run(cfg, exp_path, model_flags, args):
+    """Train what is missing, then evaluate; returns the metrics dict also written to metrics.json."""
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    folder = args.run_dir or run_dir(cfg, args.seed)
+    check_paths(cfg, ["training_path", "testing_path"] + ([] if args.random_init else ["model_path"]), exp_path)
+
+    # Everything that can fail on bad input (config, labels, feature size) happens before the first write.
+    extractor = create_feature_extractor(cfg, model_flags, device, seed=args.seed, random_init=args.random_init)
+    size = tuple(cfg["dim"][:2])
+    test_items = load_labelled_folder(cfg["testing_path"], cfg["testing_number"], size,
+                                      cfg["number_class"], cfg["ignore_label"])
+    todo = [m for m in range(cfg["model_num"]) if not os.path.exists(member_path(folder, m))]
+    ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=args.seed).to(device)
+    timings = {}
+    if todo:
+        train_items = load_labelled_folder(cfg["training_path"], cfg["training_number"], size,
+                                           cfg["number_class"], cfg["ignore_label"], drop_small=True)
+        first_maps = extractor(train_items[0].image)
+        check_feature_size(cfg, first_maps, exp_path)
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_json(os.path.join(folder, os.path.basename(exp_path)), cfg)
+        atomic_write_json(os.path.join(folder, "model_flags.json"), model_flags)
+
+        start = time.time()
+        store_root = os.path.join(folder, "features")
+        store = extract_training_store(extractor, train_items, first_maps, args, store_root)
+        timings["extract_train_s"] = time.time() - start
+        labels = torch.from_numpy(np.stack([it.label for it in train_items]))
+        sampler = PixelSampler(labels, ignore_label=cfg["ignore_label"])
+        print(f"{len(train_items)} training images, {len(sampler)} labelled pixels, {store.num_features} features "
+              f"per pixel, store {store.nbytes / 2**30:.2f} GiB ({'disk' if store.root else 'RAM'}); "
+              f"training members {todo}")
+        start = time.time()
+        train_ensemble(ensemble, store if device.type == "cpu" else store.to(device), sampler, seed=args.seed,
+                       batch_size=cfg["batch_size"], members=todo, device=device,
+                       autocast_dtype=AUTOCAST[args.autocast],
+                       on_member_done=lambda m: ensemble.save_member(member_path(folder, m), m))
+        timings["train_ensemble_s"] = time.time() - start
+        del store
+        shutil.rmtree(store_root, ignore_errors=True)  # a cache for resuming; the members are what we keep
+    for m in range(cfg["model_num"]):
+        ensemble.load_member(member_path(folder, m), m)
+
+    start = time.time()
+    metrics = evaluate(extractor, ensemble, test_items, cfg, folder, pictures=not args.no_pictures)
+    timings["evaluate_s"] = time.time() - start
+    metrics.update(seed=args.seed, model_type=cfg["model_type"], category=cfg.get("category"),
+                   random_init=args.random_init, timings=timings)
+    atomic_write_json(os.path.join(folder, "metrics.json"), metrics)
+    print(f"mIoU {100 * metrics['miou']:.2f}  ({folder})")
+    return metrics
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="ddpm-seg train-interpreter", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser)
+    args = parser.parse_args(argv)
+    cfg = load_experiment(args.exp)
+    run(cfg, args.exp, resolve_model_flags(cfg, args, argv), args)
