@@ -47,7 +47,7 @@ class DDPMFeatureExtractor:
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> list:
         """uint8 [H, W, 3] -> maps [C, h, w] (float32), step-major: [t0: b0 b1 .. | t1: ...]."""
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1).float() / 127.5 - 1
+        x = torch.from_numpy(np.array(image)).to(self.device).permute(2, 0, 1).float() / 127.5 - 1
         x = x[None].expand(len(self.steps), -1, -1, -1)
         t = torch.tensor(self.steps, device=self.device)
         noise = self.noise.expand_as(x) if self.noise is not None else torch.randn_like(x)

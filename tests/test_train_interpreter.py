@@ -1,0 +1,128 @@
+"""End to end: a tiny DDPM checkpoint and generated labelled images through `ddpm-seg train-interpreter`."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_seg.cli import main as cli_main
+from ddpm_seg.ensemble import MLPEnsemble
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16", num_head_channels=16,
+            learn_sigma=True, diffusion_steps=100)
+
+
+def _scene(rng):
+    """A bright square (class 1) and a dark bar (class 2) on a mid-grey background (class 0)."""
+    image = np.full((32, 32, 3), 120, dtype=np.uint8) + rng.integers(0, 20, (32, 32, 3), dtype=np.uint8)
+    label = np.zeros((32, 32), dtype=np.uint8)
+    y, x = rng.integers(2, 18, 2)
+    image[y:y + 12, x:x + 12] = 230
+    label[y:y + 12, x:x + 12] = 1
+    col = rng.integers(0, 28)
+    image[:, col:col + 4] = 20
+    label[:, col:col + 4] = 2
+    label[0, 0] = 255  # an ignored pixel
+    return image, label
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 3)):
+        folder = tmp_path / "data" / split
+        folder.mkdir(parents=True)
+        for i in range(n):
+            image, label = _scene(rng)
+            Image.fromarray(image).save(folder / f"{i:03d}.png")
+            np.save(folder / f"{i:03d}.npy", label)
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **TINY})
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save(model.state_dict(), ckpt / "ema.pt")
+    (ckpt / "model_flags.json").write_text(json.dumps(TINY))
+    cfg = {
+        "exp_dir": str(tmp_path / "runs"), "model_type": "ddpm", "category": "tiny", "number_class": 3,
+        "ignore_label": 255, "training_path": str(tmp_path / "data/train"),
+        "testing_path": str(tmp_path / "data/test"), "model_path": str(ckpt / "ema.pt"),
+        "dim": [32, 32, 256], "steps": [10, 30], "blocks": [2, 5], "model_num": 3, "batch_size": 64,
+        "training_number": 4, "testing_number": 3, "upsample_mode": "bilinear", "share_noise": True,
+        "input_activations": False,
+    }
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    return path, cfg
+
+
+def _run(path, *extra):
+    cli_main(["train-interpreter", "--exp", str(path), "--device", "cpu", *extra])
+
+
+def test_trains_evaluates_and_writes_outputs(experiment):
+    path, cfg = experiment
+    _run(path)
+    folder = os.path.join(cfg["exp_dir"], "10_30_2_5", "seed_0")
+    metrics = json.load(open(os.path.join(folder, "metrics.json")))
+    # The classes are separable from local appearance, so even this tiny random UNet's features segment them.
+    assert metrics["miou"] > 0.8
+    assert set(metrics["iou"]) == {"class_0", "class_1", "class_2"}
+    assert len(metrics["uncertainty_scores"]) == 3
+    for m in range(3):
+        ckpt = torch.load(os.path.join(folder, f"model_{m}.pth"), weights_only=True)
+        assert "module.layers.0.weight" in ckpt["model_state_dict"]
+    pred = np.load(os.path.join(folder, "predictions", "000.npy"))
+    assert pred.shape == (32, 32) and pred.dtype == np.uint8
+    assert Image.open(os.path.join(folder, "predictions", "000.png")).size[1] >= 32
+    assert json.load(open(os.path.join(folder, "tiny.json"))) == cfg
+    assert not os.path.exists(os.path.join(folder, "features"))
+    # Another seed goes to its own folder and leaves this one alone.
+    before = open(os.path.join(folder, "model_0.pth"), "rb").read()
+    _run(path, "--seed", "1", "--no_pictures")
+    assert os.path.isfile(os.path.join(cfg["exp_dir"], "10_30_2_5", "seed_1", "metrics.json"))
+    assert open(os.path.join(folder, "model_0.pth"), "rb").read() == before
+
+
+def test_interrupted_run_resumes_with_the_missing_members(experiment, monkeypatch):
+    path, cfg = experiment
+    saved = []
+    original_save = MLPEnsemble.save_member
+
+    def save_then_die(self, member_path, m):
+        original_save(self, member_path, m)
+        saved.append(m)
+        if len(saved) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MLPEnsemble, "save_member", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _run(path, "--store", "disk")
+    folder = os.path.join(cfg["exp_dir"], "10_30_2_5", "seed_0")
+    first = saved[0]
+    assert sorted(f for f in os.listdir(folder) if f.startswith("model_") and f.endswith(".pth")) == [f"model_{first}.pth"]
+    assert os.path.isdir(os.path.join(folder, "features"))  # the disk store survives for the resume
+    kept = open(os.path.join(folder, f"model_{first}.pth"), "rb").read()
+    _run(path, "--store", "disk")
+    assert sorted(saved[1:]) == sorted(set(range(3)) - {first})
+    assert open(os.path.join(folder, f"model_{first}.pth"), "rb").read() == kept
+    assert os.path.isfile(os.path.join(folder, "metrics.json"))
+
+
+def test_wrong_feature_size_names_the_right_number_and_writes_nothing(experiment, tmp_path):
+    path, cfg = experiment
+    path.write_text(json.dumps(dict(cfg, dim=[32, 32, 8448])))
+    with pytest.raises(ValueError, match=r"dim\[-1\] is 8448 but steps \[10, 30\] x blocks \[2, 5\].* set dim\[-1\] to 256"):
+        _run(path)
+    assert not os.path.exists(cfg["exp_dir"])
+
+
+def test_missing_checkpoint_points_to_download(experiment):
+    path, cfg = experiment
+    path.write_text(json.dumps(dict(cfg, model_path="/nonexistent/lsun_bedroom.pt")))
+    with pytest.raises(FileNotFoundError, match="model_path '/nonexistent/lsun_bedroom.pt' does not exist; download"):
+        _run(path)
+    assert not os.path.exists(cfg["exp_dir"])
