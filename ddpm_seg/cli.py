@@ -1,40 +1,19 @@
 """The `ddpm-seg` command: one subcommand per job, each a thin layer over a module's function."""
 
 import argparse
+import importlib
 import sys
 
 
-def _train_interpreter(argv):
-    from .train_interpreter import main
-
-    return main(argv)
-
-
-def _train_ddpm(argv):
-    from .train_ddpm import add_train_ddpm_args, train_ddpm
-
-    parser = argparse.ArgumentParser(prog="ddpm-seg train-ddpm", description="Train a DDPM on a folder of images.")
-    add_train_ddpm_args(parser)
-    train_ddpm(parser.parse_args(argv))
-
-
-def _bench(argv):
-    from .bench import main
-
-    return main(argv)
-
-
-def _demo(argv):
-    from .demo import main
-
-    return main(argv)
-
-
+# command -> (module in ddpm_seg whose main(argv) runs it, one-line help). Modules are imported only
+# when their command runs, so `ddpm-seg --help` stays instant.
 COMMANDS = {
-    "demo": (_demo, "generate the demo data, train a small DDPM and segment with its features (CPU, no downloads)"),
-    "train-interpreter": (_train_interpreter, "extract features, train the pixel-classifier ensemble, evaluate mIoU"),
-    "train-ddpm": (_train_ddpm, "train a guided-diffusion DDPM on a folder of unlabelled images"),
-    "bench": (_bench, "memory and speed benchmark of the feature store, ensemble training and prediction"),
+    "demo": ("demo", "generate the demo data, train a small DDPM and segment with its features (CPU, no downloads)"),
+    "train-interpreter": ("train_interpreter", "extract features, train the pixel-classifier ensemble, evaluate mIoU"),
+    "train-ddpm": ("train_ddpm", "train a guided-diffusion DDPM on a folder of unlabelled images"),
+    "bench": ("bench", "memory and speed benchmark of the feature store, ensemble training and prediction"),
+    "download": ("download", "fetch datasets and checkpoints with resume and checksum verification"),
+    "report": ("report", "collect finished runs' metrics.json into a mean ± std table (markdown + CSV)"),
 }
 
 
@@ -51,7 +30,8 @@ def main(argv=None):
         parser.print_help()
         return 0
     args, rest = parser.parse_known_args(argv[:1])
-    return COMMANDS[args.command][0](argv[1:] + rest) or 0
+    module = importlib.import_module(f"ddpm_seg.{COMMANDS[args.command][0]}")
+    return module.main(argv[1:] + rest) or 0
 
 
 if __name__ == "__main__":
