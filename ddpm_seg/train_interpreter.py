@@ -35,6 +35,10 @@ RAM_STORE_SHARE = 0.5
 def add_args(parser):
     parser.add_argument("--exp", required=True, help="experiment config, e.g. experiments/bedroom_28/ddpm.json")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None, help="comma list of seeds, each an independent run in its own folder")
+    parser.add_argument("--eval_only", action="store_true",
+                        help="evaluate an existing ensemble (e.g. the released pixel classifiers, with --run_dir) "
+                             "without training")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     parser.add_argument("--store", choices=["auto", "ram", "disk"], default="auto",
                         help="where training features live: RAM, memory-mapped files in the run folder, or "
@@ -150,6 +154,8 @@ def run(cfg, exp_path, model_flags, args):
     test_items = load_labelled_folder(cfg["testing_path"], cfg["testing_number"], size,
                                       cfg["number_class"], cfg["ignore_label"])
     todo = [m for m in range(cfg["model_num"]) if not os.path.exists(member_path(folder, m))]
+    if args.eval_only and todo:
+        raise FileNotFoundError(f"--eval_only: {folder} lacks {[os.path.basename(member_path(folder, m)) for m in todo]}")
     ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=args.seed).to(device)
     timings = {}
     if todo:
@@ -197,4 +203,14 @@ def main(argv):
     add_args(parser)
     args = parser.parse_args(argv)
     cfg = load_experiment(args.exp)
-    run(cfg, args.exp, resolve_model_flags(cfg, args, argv), args)
+    flags = resolve_model_flags(cfg, args, argv)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    if len(seeds) > 1 and args.run_dir:
+        raise ValueError("--run_dir names one folder; it cannot be combined with several --seeds")
+    results = {}
+    for seed in seeds:
+        args.seed = seed
+        results[seed] = run(cfg, args.exp, flags, args)["miou"]
+    if len(seeds) > 1:
+        values = np.array(list(results.values())) * 100
+        print(f"mIoU over seeds {seeds}: {values.mean():.2f} ± {values.std(ddof=1):.2f}")

@@ -126,3 +126,19 @@ def test_missing_checkpoint_points_to_download(experiment):
     with pytest.raises(FileNotFoundError, match="model_path '/nonexistent/lsun_bedroom.pt' does not exist; download"):
         _run(path)
     assert not os.path.exists(cfg["exp_dir"])
+
+
+def test_seeds_and_eval_only(experiment, capsys):
+    path, cfg = experiment
+    _run(path, "--seeds", "0,1", "--no_pictures")
+    base = os.path.join(cfg["exp_dir"], "10_30_2_5")
+    scores = [json.load(open(os.path.join(base, f"seed_{s}", "metrics.json")))["miou"] for s in (0, 1)]
+    assert f"mIoU over seeds [0, 1]: {np.mean(scores) * 100:.2f} ± {np.std(scores, ddof=1) * 100:.2f}" in capsys.readouterr().out
+    # Evaluate the trained ensemble again without training: same predictions, same mIoU.
+    os.remove(os.path.join(base, "seed_0", "metrics.json"))
+    before = os.path.getmtime(os.path.join(base, "seed_0", "model_0.pth"))
+    _run(path, "--eval_only", "--run_dir", os.path.join(base, "seed_0"), "--no_pictures")
+    assert json.load(open(os.path.join(base, "seed_0", "metrics.json")))["miou"] == scores[0]
+    assert os.path.getmtime(os.path.join(base, "seed_0", "model_0.pth")) == before
+    with pytest.raises(FileNotFoundError, match=r"--eval_only: .*elsewhere lacks \['model_0.pth', 'model_1.pth', 'model_2.pth'\]"):
+        _run(path, "--eval_only", "--run_dir", os.path.join(base, "elsewhere"))
