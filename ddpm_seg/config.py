@@ -83,9 +83,10 @@ def experiment_suffix(cfg: dict) -> str:
     return "_".join(str(v) for v in cfg["steps"] + cfg["blocks"])
 
 
-def run_dir(cfg: dict, seed: int) -> str:
-    """Where one seed's ensemble lives: <exp_dir>/<suffix>/seed_<seed>, so seeds never overwrite each other."""
-    return os.path.join(cfg["exp_dir"], experiment_suffix(cfg), f"seed_{seed}")
+def run_dir(cfg: dict, seed: int, random_init: bool = False) -> str:
+    """Where one seed's ensemble lives: <exp_dir>/<suffix>/seed_<seed>, so seeds never overwrite each other;
+    baselines on a randomly initialised backbone get a random_init/ level of their own."""
+    return os.path.join(cfg["exp_dir"], experiment_suffix(cfg), "random_init" if random_init else "", f"seed_{seed}")
 
 
 def check_paths(cfg: dict, keys, path: str = "<config>") -> None:

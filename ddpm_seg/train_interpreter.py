@@ -145,7 +145,7 @@ def run(cfg, exp_path, model_flags, args):
     """Train what is missing, then evaluate; returns the metrics dict also written to metrics.json."""
     seed_everything(args.seed)
     device = resolve_device(args.device)
-    folder = args.run_dir or run_dir(cfg, args.seed)
+    folder = args.run_dir or run_dir(cfg, args.seed, args.random_init)
     check_paths(cfg, ["training_path", "testing_path"] + ([] if args.random_init else ["model_path"]), exp_path)
 
     # Everything that can fail on bad input (config, labels, feature size) happens before the first write.

@@ -29,6 +29,7 @@ def test_paper_configs_hold_the_paper_values(dataset):
     assert cfg["steps"] == [50, 150, 250] and cfg["blocks"] == [5, 6, 7, 8, 12] and cfg["dim"] == [256, 256, 8448]
     assert cfg["model_num"] == 10 and cfg["batch_size"] == 64 and cfg["share_noise"] and not cfg["input_activations"]
     assert run_dir(cfg, 3) == f"pixel_classifiers/{dataset}/ddpm/50_150_250_5_6_7_8_12/seed_3"
+    assert run_dir(cfg, 0, True) == f"pixel_classifiers/{dataset}/ddpm/50_150_250_5_6_7_8_12/random_init/seed_0"
 
 
 def test_original_file_loads_unchanged(tmp_path):

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Download a pretrained SwAV (ResNet-50 w2) into checkpoints/swav_w2/<name>.pth.
+# Usage: bash checkpoints/swav_w2/download_checkpoint.sh <lsun_bedroom|ffhq|lsun_cat|lsun_horse> [ddpm-seg download options, e.g. --record]
+# Resumable and checksum-verified: see `ddpm-seg download --help`.
+set -euo pipefail
+name=${1:?usage: $0 <lsun_bedroom|ffhq|lsun_cat|lsun_horse> [ddpm-seg download options]}
+shift
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+exec ddpm-seg download "swav_w2/$name" --root "$root" "$@"

@@ -1,0 +1,587 @@
+"""`ddpm-seg bench`: peak memory and speed of our interpreter pipeline beside the original one.
+
+Phases, each approach in its own fresh process so that its peak RSS (ru_maxrss, which never goes
+down) is its own:
+  store    extraction-to-store: ours puts native-resolution float16 maps into a FeatureStore; the
+           original upsamples every map to full resolution in float32 and builds one [N*H*W, D] tensor.
+  train    ours trains all members at once (train_ensemble) over the store of N images; the original
+           trains nn.Sequential members one after another from a shuffled DataLoader over that tensor.
+  predict  one image, all members, majority vote: predict_logits (first Linear at native resolution)
+           against every member on the [H*W, D] full-resolution features.
+  quality  both learn the same synthetic task for the same steps per member; mIoU on held-out images.
+
+Activations are synthetic (deterministic random maps at the chosen layout), so no checkpoint is
+needed. The original needs about 2.2 GB per 256x256 image at the paper's layout, so it runs at a
+small N and its N-image figures are computed (formulas printed beside them). CPU only: it measures
+host memory and CPU time. Linux only (reads /proc and ru_maxrss in KiB).
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from .ensemble import MLPEnsemble, hidden_sizes, member_seed, predict_logits, train_ensemble
+from .evaluate import ConfusionMatrix, majority_vote
+from .feature_store import FeatureStore, PixelSampler
+from .utils import atomic_write_json
+
+# The paper's DDPM features per diffusion step, (channels, resolution) of the decoder blocks it reads
+# (5, 6, 7, 8, 12 of the 256x256 guided-diffusion UNet), at 3 steps: 8448 features per pixel.
+PAPER_BLOCKS = [(1024, 32), (512, 32), (512, 32), (512, 64), (256, 128)]
+PAPER_STEPS = 3
+PAPER_IMAGE = 256
+# --small: 1/16 of the channels on a 64x64 image (maps 1/4 the size), for tests.
+SMALL_CHANNELS, SMALL_SCALE = 16, 4
+
+PHASES = ("store", "train", "predict", "quality")
+IGNORE_LABEL = 255
+BATCH_SIZE = 64  # the paper's batch per member
+HELD_OUT = 1_000_000  # images from this index on are never trained on
+PREDICT_FIT_STEPS = 30  # the predict phase's members are trained a little so their votes mean something
+WARMUP_STEPS = 3  # untimed steps first, so one-off kernel setup is not billed to either approach
+GB = 1e9
+
+TARGETS = {
+    "peak_rss_train": ("ours peak RSS, store + training", "<=", 4.5 * GB),
+    "train_speedup": ("training throughput, ours / original", ">=", 5.0),
+    "predict_speedup": ("prediction time, original / ours", ">=", 5.0),
+    "quality_gap": ("|mIoU ours - original| (points)", "<=", 2.0),
+    "predict_agreement": ("pixels where ours and the original agree", ">=", 0.999),
+}
+
+
+def make_layout(small=False):
+    """(map_shapes [(C, h, w)] in extractor order, step-major; image size (H, W))."""
+    blocks, image = PAPER_BLOCKS, PAPER_IMAGE
+    if small:
+        blocks = [(c // SMALL_CHANNELS, s // SMALL_SCALE) for c, s in PAPER_BLOCKS]
+        image = PAPER_IMAGE // SMALL_SCALE
+    return [(c, s, s) for _ in range(PAPER_STEPS) for c, s in blocks], (image, image)
+
+
+class SyntheticTask:
+    """A stand-in for a feature extractor and its labelled images, deterministic in (seed, image index).
+
+    An image's maps mix a few smooth latent fields (its 'content', shared by every map, as real
+    features of one image agree across blocks and steps) into each map's channels, plus independent
+    noise. Its labels are the argmax of a fixed random linear 'teacher' over the full-resolution
+    features. The teacher reads the features through the mixing (W_k = mixing_k @ V), so it mostly
+    sees the latent content: labels form regions, and a pixel classifier can learn them. (A teacher
+    with independent random weights would be driven by the noise, which no few-hundred-step student
+    can pick out of thousands of channels.)
+    """
+
+    rank = 8  # latent fields per image
+    noise = 0.5  # std of the per-channel noise; the mixed latent part has std about 1
+    latent_stride = 16  # image pixels per latent cell: region size
+
+    def __init__(self, map_shapes, image_size, num_classes, seed=0):
+        self.map_shapes, self.image_size = list(map_shapes), tuple(image_size)
+        self.num_classes, self.seed = num_classes, seed
+        self.dim = sum(c for c, _, _ in self.map_shapes)
+        gen = torch.Generator().manual_seed(seed)
+        self.mixing = [torch.randn(c, self.rank, generator=gen) / self.rank ** 0.5 for c, _, _ in self.map_shapes]
+        readout = torch.randn(self.rank, num_classes, generator=gen)
+        self.teacher = [(mixing @ readout).t() / self.dim ** 0.5 for mixing in self.mixing]
+
+    def maps(self, index):
+        """Image `index`'s maps, as an extractor hands them over: float32 [C, h, w] in feature order."""
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0]))
+        latent_size = [max(1, s // self.latent_stride) for s in self.image_size]
+        latent = torch.randn(1, self.rank, *latent_size, generator=gen)
+        out = []
+        for mixing, (c, h, w) in zip(self.mixing, self.map_shapes):
+            field = F.interpolate(latent, (h, w), mode="bilinear", align_corners=False).view(self.rank, h * w)
+            fmap = (mixing @ field).view(c, h, w)
+            out.append(fmap.add_(torch.randn(c, h, w, generator=gen), alpha=self.noise))
+        return out
+
+    def labels(self, maps):
+        """Teacher labels [H, W] (long) of an image's maps.
+
+        The teacher's linear map commutes with bilinear upsampling, so it is applied at each map's
+        resolution: the same labels as on the full-resolution features, without building them."""
+        logits = 0
+        for weight, fmap in zip(self.teacher, maps):
+            c, h, w = fmap.shape
+            z = (weight @ fmap.reshape(c, h * w)).view(1, self.num_classes, h, w)
+            logits = logits + F.interpolate(z, self.image_size, mode="bilinear", align_corners=False)
+        return logits[0].argmax(0)
+
+
+class FixedStepSampler(PixelSampler):
+    """A PixelSampler whose streams end after `steps` batches: train_ensemble with max_epochs=1 then
+    stops every member after exactly that many steps, before the stopping rule (epoch index > 3)."""
+
+    def __init__(self, labels, steps):
+        super().__init__(labels, ignore_label=IGNORE_LABEL)
+        self.steps = steps
+
+    def stream(self, seed, batch_size):
+        batches = super().stream(seed, batch_size)
+        for _ in range(self.steps):
+            yield 0, next(batches)[1]
+        yield 1, next(batches)[1]
+
+
+class OriginalClassifier(nn.Module):
+    """The original `pixel_classifier` (an nn.Sequential named `layers`), so that
+    MLPEnsemble.member_state_dict loads into it without renaming."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        h1, h2 = hidden_sizes(num_classes)
+        self.layers = nn.Sequential(
+            nn.Linear(dim, h1), nn.ReLU(), nn.BatchNorm1d(h1),
+            nn.Linear(h1, h2), nn.ReLU(), nn.BatchNorm1d(h2),
+            nn.Linear(h2, num_classes),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def original_member(ensemble, m):
+    """Member m of `ensemble` as an OriginalClassifier (same weights)."""
+    net = OriginalClassifier(ensemble.dim, ensemble.num_classes)
+    net.load_state_dict({k.removeprefix("module."): v for k, v in ensemble.member_state_dict(m).items()})
+    return net
+
+
+# ---- the original approach ----
+
+
+def upsample_concat(maps, image_size):
+    """One image's features as the original's collect_features makes them: every map upsampled to full
+    resolution (bilinear, float32) and concatenated, [D, H, W]."""
+    return torch.cat([F.interpolate(m[None].float(), image_size, mode="bilinear", align_corners=False)[0] for m in maps])
+
+
+def original_training_set(task, indices, progress=True):
+    """The original prepare_data on images `indices`: X [P, D] float32, y [P] uint8, and the seconds
+    spent on it beyond making the synthetic maps and labels (which stand in for the UNet).
+
+    As the original: one preallocated [N, D, H, W] tensor, a permute + reshape to [N*H*W, D] (a full
+    copy while the first still exists), then the labelled rows picked out (another copy).
+    """
+    height, width = task.image_size
+    X = torch.zeros(len(indices), task.dim, height, width)
+    y = torch.zeros(len(indices), height, width, dtype=torch.uint8)
+    make_s = 0.0
+    start = time.perf_counter()
+    for row, i in enumerate(tqdm(indices, desc="original: full-res features", disable=not progress)):
+        t0 = time.perf_counter()
+        maps = task.maps(i)
+        labels = task.labels(maps)
+        make_s += time.perf_counter() - t0
+        X[row] = upsample_concat(maps, task.image_size)
+        y[row] = labels
+    X = X.permute(1, 0, 2, 3).reshape(task.dim, -1).permute(1, 0)
+    y = y.flatten()
+    keep = y != IGNORE_LABEL
+    X, y = X[keep], y[keep]
+    return X, y, time.perf_counter() - start - make_s
+
+
+def train_original_member(net, X, y, steps, seed):
+    """The original training loop for one member, cut at `steps` steps: shuffled DataLoader batches of
+    64, Adam lr 1e-3, float32, with the per-step loss.item() of its stopping rule."""
+    loader = DataLoader(TensorDataset(X, y), batch_size=BATCH_SIZE, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    criterion = nn.CrossEntropyLoss()
+    net.train()
+    done = 0
+    while done < steps:
+        for x_batch, y_batch in loader:
+            optimizer.zero_grad()
+            loss = criterion(net(x_batch), y_batch.long())
+            loss.backward()
+            optimizer.step()
+            loss.item()
+            done += 1
+            if done == steps:
+                break
+    return net.eval()
+
+
+@torch.no_grad()
+def predict_original(nets, maps, image_size):
+    """The original prediction of one image: every member on all [H*W, D] full-resolution features,
+    argmax per member, then the most frequent vote (without the uncertainty map, as ours here)."""
+    features = upsample_concat(maps, image_size)
+    x = features.view(features.shape[0], -1).permute(1, 0)
+    votes = torch.stack([net(x).argmax(1) for net in nets])
+    return torch.mode(votes, 0).values.view(image_size)
+
+
+# ---- ours ----
+
+
+def build_store(task, indices, kind="ram", root=None, progress=True):
+    """FeatureStore (float16) and teacher labels [N, H, W] of images `indices`, and the seconds spent
+    putting maps into the store (making the synthetic maps and labels not counted)."""
+    store = FeatureStore(task.map_shapes, task.image_size, len(indices), root=root if kind == "disk" else None)
+    labels = torch.empty(len(indices), *task.image_size, dtype=torch.long)
+    make_s = 0.0
+    start = time.perf_counter()
+    for row, i in enumerate(tqdm(indices, desc=f"ours: store ({kind})", disable=not progress)):
+        t0 = time.perf_counter()
+        maps = task.maps(i)
+        labels[row] = task.labels(maps)
+        make_s += time.perf_counter() - t0
+        store.put(row, maps)
+    return store, labels, time.perf_counter() - start - make_s
+
+
+def fit_ensemble(ensemble, store, labels, steps, seed, autocast_dtype):
+    """train_ensemble for exactly `steps` steps per member; returns the seconds it took."""
+    start = time.perf_counter()
+    train_ensemble(ensemble, store, FixedStepSampler(labels, steps), seed=seed, batch_size=BATCH_SIZE,
+                   max_epochs=1, autocast_dtype=autocast_dtype, progress=False)
+    return time.perf_counter() - start
+
+
+# ---- measuring ----
+
+
+def current_rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError("/proc/self/status has no VmRSS line")
+
+
+def peak_rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def run_isolated(job, args, *extra):
+    """job(args, *extra) in a fresh process; its result gets that process's base and peak RSS."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_child, job, args, *extra).result()
+
+
+def _child(job, args, *extra):
+    torch.set_num_threads(args.threads)
+    base = current_rss()
+    result = job(args, *extra)
+    result.update(base_rss=base, peak_rss=peak_rss())
+    return result
+
+
+def _task(args):
+    map_shapes, image_size = make_layout(args.small)
+    return SyntheticTask(map_shapes, image_size, args.classes, seed=args.seed)
+
+
+def _autocast(args):
+    return None if args.fp32 else torch.bfloat16
+
+
+def _scratch_store(args, task, indices):
+    """build_store per --store; a disk store lives in a temporary folder, removed right after."""
+    if args.store == "ram":
+        return build_store(task, indices, progress=not args.quiet)
+    root = tempfile.mkdtemp(prefix="ddpm-seg-bench-")
+    try:
+        return build_store(task, indices, "disk", root=os.path.join(root, "store"), progress=not args.quiet)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # the open memmaps stay valid after their files are unlinked
+
+
+def job_store_ours(args):
+    store, _, seconds = _scratch_store(args, _task(args), range(args.n))
+    return {"n": args.n, "time_s": seconds, "store_bytes": store.nbytes}
+
+
+def job_store_original(args):
+    X, _, seconds = original_training_set(_task(args), range(args.orig_n), progress=not args.quiet)
+    return {"n": args.orig_n, "time_s": seconds, "tensor_bytes": X.numel() * X.element_size()}
+
+
+def job_train_ours(args):
+    task = _task(args)
+    store, labels, _ = _scratch_store(args, task, range(args.n))
+    warm = MLPEnsemble(task.dim, args.classes, args.members, seed=args.seed + 1)
+    fit_ensemble(warm, store, labels, WARMUP_STEPS, args.seed, _autocast(args))
+    ensemble = MLPEnsemble(task.dim, args.classes, args.members, seed=args.seed)
+    seconds = fit_ensemble(ensemble, store, labels, args.train_steps, args.seed, _autocast(args))
+    pixels = args.members * BATCH_SIZE * args.train_steps
+    return {"n": args.n, "time_s": seconds, "pixels_per_s": pixels / seconds}
+
+
+def job_train_original(args):
+    task = _task(args)
+    X, y, _ = original_training_set(task, range(args.orig_n), progress=not args.quiet)
+    init = MLPEnsemble(task.dim, args.classes, args.members, seed=args.seed)
+    train_original_member(original_member(init, 0), X, y, WARMUP_STEPS, args.seed)
+    start = time.perf_counter()
+    for m in tqdm(range(args.members), desc="original: members one by one", disable=args.quiet):
+        train_original_member(original_member(init, m), X, y, args.train_steps, member_seed(args.seed, m))
+    seconds = time.perf_counter() - start
+    pixels = args.members * BATCH_SIZE * args.train_steps
+    return {"n": args.orig_n, "time_s": seconds, "pixels_per_s": pixels / seconds}
+
+
+def _timed_runs(runs, predict):
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        pred = predict()
+        times.append(time.perf_counter() - start)
+    return {"time_s": statistics.median(times), "times_s": times, "pred": pred.numpy().astype(np.uint8)}
+
+
+def job_predict_ours(args):
+    """Train a small ensemble briefly (untimed), then time predict_logits + majority_vote on a held-out
+    image. Returns the ensemble's weights too, for the original to predict with the same members."""
+    task = _task(args)
+    store, labels, _ = build_store(task, range(1), progress=False)
+    ensemble = MLPEnsemble(task.dim, args.classes, args.members, seed=args.seed)
+    fit_ensemble(ensemble, store, labels, PREDICT_FIT_STEPS, args.seed, _autocast(args))
+    maps = task.maps(HELD_OUT)
+    result = _timed_runs(args.predict_runs, lambda: majority_vote(predict_logits(ensemble, maps, task.image_size)))
+    # numpy, not tensors: tensors would travel through shared memory of a process that is exiting.
+    result["weights"] = {k: v.numpy() for k, v in ensemble.state_dict().items()}
+    return result
+
+
+def job_predict_original(args, weights):
+    task = _task(args)
+    ensemble = MLPEnsemble(task.dim, args.classes, args.members)
+    ensemble.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    nets = [original_member(ensemble, m).eval() for m in range(args.members)]
+    maps = task.maps(HELD_OUT)
+    return _timed_runs(args.predict_runs, lambda: predict_original(nets, maps, task.image_size))
+
+
+def job_quality(args):
+    """Both approaches from the same initial members, the same steps per member, on quality_n images;
+    mIoU of each ensemble's majority vote on quality_test held-out images, and of random guessing."""
+    task = _task(args)
+    train_images = range(args.quality_n)
+    ensemble = MLPEnsemble(task.dim, args.classes, args.members, seed=args.seed)
+    nets = [original_member(ensemble, m) for m in range(args.members)]  # copies of the initial weights
+
+    store, labels, _ = build_store(task, train_images, progress=not args.quiet)
+    fit_ensemble(ensemble, store, labels, args.quality_steps, args.seed, _autocast(args))
+    del store
+    X, y, _ = original_training_set(task, train_images, progress=not args.quiet)
+    for m, net in enumerate(tqdm(nets, desc="original: members one by one", disable=args.quiet)):
+        train_original_member(net, X, y, args.quality_steps, member_seed(args.seed, m))
+    del X, y
+
+    scores = {name: ConfusionMatrix(args.classes, IGNORE_LABEL) for name in ("ours", "original", "chance")}
+    gen = torch.Generator().manual_seed(args.seed)
+    for j in tqdm(range(args.quality_test), desc="quality: held-out images", disable=args.quiet):
+        maps = task.maps(HELD_OUT + 1 + j)
+        target = task.labels(maps)
+        scores["ours"].update(majority_vote(predict_logits(ensemble, maps, task.image_size)), target)
+        scores["original"].update(predict_original(nets, maps, task.image_size), target)
+        scores["chance"].update(torch.randint(args.classes, target.shape, generator=gen), target)
+    return {f"miou_{name}": matrix.miou() for name, matrix in scores.items()}
+
+
+# ---- the run ----
+
+
+def original_peak_formula(base, bytes_per_image, n):
+    """Peak RSS of the original's data preparation for n images: the [N, D, H, W] tensor and its
+    reshape copy coexist (2n images' worth), and while it is being filled one image's upsampled maps
+    and their concatenation add two more (n + 2)."""
+    return base + bytes_per_image * max(2 * n, n + 2)
+
+
+def run_bench(args):
+    """Run the selected phases (each approach in its own process); returns the results dict."""
+    map_shapes, image_size = make_layout(args.small)
+    dim = sum(c for c, _, _ in map_shapes)
+    full_bytes = dim * image_size[0] * image_size[1] * 4
+    results = {
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "layout": {"map_shapes": map_shapes, "image_size": list(image_size), "features": dim,
+                   "full_res_bytes_per_image": full_bytes,
+                   "store_bytes_per_image": sum(c * h * w for c, h, w in map_shapes) * 2},
+    }
+    say = print if not args.quiet else (lambda *a, **k: None)
+    say(f"layout: {len(map_shapes)} maps, {dim} features per pixel, {image_size[0]}x{image_size[1]} images; "
+        f"full-res float32 {full_bytes / GB:.3f} GB/image, float16 store "
+        f"{results['layout']['store_bytes_per_image'] / GB:.4f} GB/image; {args.threads} threads")
+
+    def original_at_n(measured):
+        """Add the figures computed for N images to a measurement of the original at orig_n."""
+        measured["peak_rss_computed"] = original_peak_formula(measured["base_rss"], full_bytes, args.n)
+        measured["peak_rss_formula_at_measured_n"] = original_peak_formula(measured["base_rss"], full_bytes,
+                                                                           args.orig_n)
+        measured["copy_factor_measured"] = (measured["peak_rss"] - measured["base_rss"]) / (args.orig_n * full_bytes)
+        return measured
+
+    if "store" in args.phases:
+        ours, orig = run_isolated(job_store_ours, args), original_at_n(run_isolated(job_store_original, args))
+        orig["time_s_computed"] = orig["time_s"] / args.orig_n * args.n  # every step is linear in N
+        results["store"] = {"ours": ours, "original": orig}
+        say(f"store: ours {ours['time_s']:.2f} s for N={args.n} ({ours['store_bytes'] / GB:.3f} GB = "
+            f"{ours['store_bytes'] / 2**30:.3f} GiB {args.store} store), peak RSS {ours['peak_rss'] / GB:.2f} GB | "
+            f"original {orig['time_s']:.2f} s for N={args.orig_n} ({orig['tensor_bytes'] / GB:.2f} GB tensor), "
+            f"peak RSS {orig['peak_rss'] / GB:.2f} GB measured (formula {orig['peak_rss_formula_at_measured_n'] / GB:.2f}"
+            f" GB, copy factor {orig['copy_factor_measured']:.2f}); computed for N={args.n}: "
+            f"{orig['time_s_computed']:.1f} s, peak RSS {orig['peak_rss_computed'] / GB:.1f} GB")
+
+    if "train" in args.phases:
+        ours, orig = run_isolated(job_train_ours, args), original_at_n(run_isolated(job_train_original, args))
+        speedup = ours["pixels_per_s"] / orig["pixels_per_s"]
+        results["train"] = {"ours": ours, "original": orig, "speedup": speedup}
+        say(f"train ({args.members} members x {args.train_steps} steps x batch {BATCH_SIZE}, "
+            f"{'fp32' if args.fp32 else 'bf16 autocast'} vs fp32): ours {ours['pixels_per_s']:.0f} px/s "
+            f"({ours['time_s']:.2f} s), peak RSS {ours['peak_rss'] / GB:.2f} GB at N={args.n} | original "
+            f"{orig['pixels_per_s']:.0f} px/s ({orig['time_s']:.2f} s), peak RSS {orig['peak_rss'] / GB:.2f} GB "
+            f"at N={args.orig_n}, computed {orig['peak_rss_computed'] / GB:.1f} GB at N={args.n} | "
+            f"speed ratio {speedup:.2f}x")
+
+    if "predict" in args.phases:
+        ours = run_isolated(job_predict_ours, args)
+        orig = run_isolated(job_predict_original, args, ours.pop("weights"))
+        agreement = float((ours.pop("pred") == orig.pop("pred")).mean())
+        speedup = orig["time_s"] / ours["time_s"]
+        results["predict"] = {"ours": ours, "original": orig, "speedup": speedup, "agreement": agreement}
+        say(f"predict (one {image_size[0]}x{image_size[1]} image, {args.members} members, median of "
+            f"{args.predict_runs}): ours {ours['time_s']:.3f} s, peak RSS {ours['peak_rss'] / GB:.2f} GB | original "
+            f"{orig['time_s']:.3f} s, peak RSS {orig['peak_rss'] / GB:.2f} GB | {speedup:.2f}x faster, "
+            f"same label on {100 * agreement:.3f}% of pixels")
+
+    if "quality" in args.phases:
+        q = run_isolated(job_quality, args)
+        q["gap_points"] = 100 * abs(q["miou_ours"] - q["miou_original"])
+        results["quality"] = q
+        say(f"quality ({args.quality_n} train / {args.quality_test} held-out images, {args.classes} classes, "
+            f"{args.quality_steps} steps per member): mIoU ours {100 * q['miou_ours']:.2f}, original "
+            f"{100 * q['miou_original']:.2f}, chance {100 * q['miou_chance']:.2f}; gap {q['gap_points']:.2f} points")
+
+    results["targets"] = check_targets(results)
+    return results
+
+
+def check_targets(results):
+    values = {
+        "peak_rss_train": results.get("train", {}).get("ours", {}).get("peak_rss"),
+        "train_speedup": results.get("train", {}).get("speedup"),
+        "predict_speedup": results.get("predict", {}).get("speedup"),
+        "quality_gap": results.get("quality", {}).get("gap_points"),
+        "predict_agreement": results.get("predict", {}).get("agreement"),
+    }
+    targets = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        what, op, bound = TARGETS[name]
+        met = value <= bound if op == "<=" else value >= bound
+        targets[name] = {"what": what, "value": value, "target": f"{op} {bound:g}", "met": bool(met)}
+    return targets
+
+
+def _gb(x):
+    return f"{x / GB:.2f} GB"
+
+
+def format_table(results):
+    """The summary: phase | ours | original (measured at small N; computed at N) | ratio | target | met?"""
+    cfg, t = results["config"], results["targets"]
+    n, orig_n = cfg["n"], cfg["orig_n"]
+    rows = [("phase", "ours", f"original (measured @N={orig_n}; computed @N={n})", "ratio", "target", "met?")]
+
+    def met(*names):
+        return ", ".join("yes" if t[k]["met"] else "NO" for k in names)
+
+    if "store" in results:
+        o, g = results["store"]["ours"], results["store"]["original"]
+        rows.append(("store", f"{o['time_s']:.1f} s, peak {_gb(o['peak_rss'])} @N={n}",
+                     f"{g['time_s']:.1f} s, peak {_gb(g['peak_rss'])}; {g['time_s_computed']:.0f} s, "
+                     f"peak {g['peak_rss_computed'] / GB:.0f} GB",
+                     f"{g['peak_rss_computed'] / o['peak_rss']:.0f}x less memory", "-", "-"))
+    if "train" in results:
+        o, g = results["train"]["ours"], results["train"]["original"]
+        rows.append(("train", f"{o['pixels_per_s']:.0f} px/s, peak {_gb(o['peak_rss'])} @N={n}",
+                     f"{g['pixels_per_s']:.0f} px/s, peak {_gb(g['peak_rss'])}; peak "
+                     f"{g['peak_rss_computed'] / GB:.0f} GB",
+                     f"{results['train']['speedup']:.2f}x", "speed >= 5x; peak <= 4.5 GB",
+                     met("train_speedup", "peak_rss_train")))
+    if "predict" in results:
+        o, g = results["predict"]["ours"], results["predict"]["original"]
+        rows.append(("predict", f"{o['time_s']:.3f} s, peak {_gb(o['peak_rss'])}",
+                     f"{g['time_s']:.3f} s, peak {_gb(g['peak_rss'])}",
+                     f"{results['predict']['speedup']:.2f}x; agree {100 * results['predict']['agreement']:.3f}%",
+                     ">= 5x; agree >= 99.9%", met("predict_speedup", "predict_agreement")))
+    if "quality" in results:
+        q = results["quality"]
+        rows.append(("quality", f"mIoU {100 * q['miou_ours']:.2f}", f"mIoU {100 * q['miou_original']:.2f}",
+                     f"gap {q['gap_points']:.2f} pt (chance {100 * q['miou_chance']:.2f})", "gap <= 2 pt",
+                     met("quality_gap")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def phase_list(text):
+    phases = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in phases if p not in PHASES]
+    if not phases or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(PHASES)}, got {text!r}")
+    return phases
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="ddpm-seg bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=positive_int, default=50, help="training images for our store and training")
+    parser.add_argument("--orig-n", type=positive_int, default=2,
+                        help="training images for the original approach (about 2.2 GB each at the paper layout)")
+    parser.add_argument("--members", type=positive_int, default=10)
+    parser.add_argument("--train-steps", type=positive_int, default=200, help="timed training steps per member")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="torch threads per phase")
+    parser.add_argument("--phases", type=phase_list, default=list(PHASES), help=",".join(PHASES))
+    parser.add_argument("--store", choices=["ram", "disk"], default="ram", help="where our store keeps its maps")
+    parser.add_argument("--fp32", action="store_true", help="train our ensemble in float32 instead of bf16 autocast")
+    parser.add_argument("--classes", type=positive_int, default=10, help="classes of the synthetic task")
+    parser.add_argument("--predict-runs", type=positive_int, default=3, help="timed predictions (median reported)")
+    parser.add_argument("--quality-n", type=positive_int, default=2, help="training images of the quality check")
+    parser.add_argument("--quality-test", type=positive_int, default=2, help="held-out images of the quality check")
+    parser.add_argument("--quality-steps", type=positive_int, default=300, help="steps per member in the quality check")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--small", action="store_true", help="a tiny layout (64x64 images, 1/16 of the channels)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or phase lines, only the table")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser
+
+
+def main(argv):
+    args = build_parser().parse_args(argv)
+    if args.classes < 2:
+        raise ValueError(f"--classes must be at least 2, got {args.classes}")
+    results = run_bench(args)
+    print(format_table(results))
+    if args.json:
+        atomic_write_json(args.json, results)

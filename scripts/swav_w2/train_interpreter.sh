@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Train and evaluate the pixel-classifier ensemble on SwAV (ResNet-50 w2) features (a baseline of the paper).
+# Usage: bash scripts/swav_w2/train_interpreter.sh <dataset> [extra ddpm-seg train-interpreter flags, e.g. --seed 1 --random_init]
+# Datasets: bedroom_28, ffhq_34, cat_15, horse_21, celeba_19, ade_bedroom_30.
+# The checkpoint is the config's model_path (checkpoints/swav_w2/<lsun_bedroom|ffhq|lsun_cat|lsun_horse>.pth).
+set -euo pipefail
+DATASET=${1:?usage: bash scripts/swav_w2/train_interpreter.sh <dataset> [flags]}
+shift
+exec ddpm-seg train-interpreter --exp "experiments/${DATASET}/swav_w2.json" "$@"
