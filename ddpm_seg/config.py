@@ -27,6 +27,8 @@ EXPERIMENT_KEYS = {
     "share_noise": (bool, True),
     "input_activations": (bool, True),
     "deeplab_res": (int, False),
+    # Ours, for datasets outside the paper's six (their names come from the packaged class table).
+    "class_names": (list, False),
 }
 
 
@@ -58,6 +60,9 @@ def validate_experiment(cfg: dict, path: str = "<config>") -> dict:
     for key in ("number_class", "model_num", "batch_size", "training_number", "testing_number"):
         if cfg[key] <= 0:
             raise ValueError(f"{path}: {key!r} must be positive, got {cfg[key]}")
+    names = cfg.get("class_names")
+    if names is not None and (len(names) != cfg["number_class"] or not all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{path}: 'class_names' must list {cfg['number_class']} names (number_class), got {names!r}")
     if cfg["upsample_mode"] != "bilinear":
         raise ValueError(f"{path}: upsample_mode {cfg['upsample_mode']!r} is not supported; use 'bilinear'")
     return cfg

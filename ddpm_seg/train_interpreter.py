@@ -73,7 +73,8 @@ def class_table(cfg):
     if category in dataset_names():
         info = dataset_info(category)
         return info["class_names"], info["palette"]
-    return default_class_names(cfg["number_class"]), default_palette(cfg["number_class"])
+    names = cfg.get("class_names") or default_class_names(cfg["number_class"])
+    return names, default_palette(cfg["number_class"])
 
 
 def available_memory_bytes():

@@ -143,3 +143,10 @@ def test_ignore_label_is_allowed_beyond_number_class(tmp_path):
     _write_pair(str(tmp_path), "img0", np.zeros((8, 8, 3), dtype=np.uint8), label)
     (item,) = load_labelled_folder(str(tmp_path), 1, (8, 8), number_class=2, ignore_label=255)
     assert set(np.unique(item.label).tolist()) == {1, 255}
+
+
+def test_class_names_for_own_datasets():
+    cfg = dict(_paper_cfg(), number_class=2, class_names=["sky", "sea"])
+    assert validate_experiment(cfg)["class_names"] == ["sky", "sea"]
+    with pytest.raises(ValueError, match="'class_names' must list 3 names"):
+        validate_experiment(dict(cfg, number_class=3), "x.json")
