@@ -91,10 +91,10 @@ def available_memory_bytes():
 def check_feature_size(cfg, maps, exp_path):
     total = sum(m.shape[0] for m in maps)
     if total != cfg["dim"][-1]:
-        raise ValueError(
-            f"{exp_path}: dim[-1] is {cfg['dim'][-1]} but steps {cfg['steps']} x blocks {cfg['blocks']} of this "
-            f"model give {total} features per pixel; set dim[-1] to {total}"
-        )
+        source = (f"steps {cfg['steps']} x blocks {cfg['blocks']} of this model" if cfg["steps"]
+                  else f"the {cfg['model_type']} backbone")
+        raise ValueError(f"{exp_path}: dim[-1] is {cfg['dim'][-1]} but {source} give(s) {total} features per pixel; "
+                         f"set dim[-1] to {total}")
 
 
 def extract_training_store(extractor, items, first_maps, args, store_root):

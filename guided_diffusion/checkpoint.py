@@ -100,8 +100,9 @@ def _flag_hints(expected: dict, found: dict) -> list:
     return hints
 
 
-def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """load_state_dict(strict=True), but a mismatch lists the keys and shapes and suggests the wrong flag."""
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str, hints=_flag_hints) -> None:
+    """load_state_dict(strict=True), but a mismatch lists the keys and shapes and, with `hints` (a function of
+    the expected and found state_dicts; the UNet's flag guesses by default, None for other models), the cause."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -118,10 +119,10 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str
 
         parts = [listing("missing keys", missing), listing("unexpected keys", unexpected),
                  listing("shape mismatches", wrong_shape)]
-        hints = _flag_hints(expected, state_dict)
-        message = f"{source!r} does not match the model built from these flags:\n" + "\n".join(p for p in parts if p)
-        if hints:
-            message += "\n  probable cause:\n    " + "\n    ".join(hints)
+        causes = hints(expected, state_dict) if hints else []
+        message = f"{source!r} does not match the model it is loaded into:\n" + "\n".join(p for p in parts if p)
+        if causes:
+            message += "\n  probable cause:\n    " + "\n    ".join(causes)
         raise CheckpointError(message)
     model.load_state_dict(state_dict, strict=True)
 

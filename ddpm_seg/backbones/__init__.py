@@ -6,7 +6,23 @@ in the order the experiment's `dim[-1]` features are concatenated. The feature s
 evaluation never look further than that list, so adding a backbone touches only its own file.
 """
 
+import numpy as np
+import torch
+
 BACKBONES = {}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_tensor(image: np.ndarray, device, normalise: str) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float [1, 3, H, W] on `device`, scaled as the backbone was trained:
+    "symmetric" to [-1, 1] (DDPMs), "imagenet" to ImageNet mean/std (MAE, SwAV)."""
+    x = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1)[None].float() / 255
+    if normalise == "symmetric":
+        return 2 * x - 1
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
+    return (x - mean) / std
 
 
 def register(model_type: str):

@@ -6,7 +6,7 @@ import torch
 from guided_diffusion.checkpoint import load_ddpm
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-from . import register
+from . import image_tensor, register
 
 
 class _StopForward(Exception):
@@ -47,8 +47,7 @@ class DDPMFeatureExtractor:
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> list:
         """uint8 [H, W, 3] -> maps [C, h, w] (float32), step-major: [t0: b0 b1 .. | t1: ...]."""
-        x = torch.from_numpy(np.array(image)).to(self.device).permute(2, 0, 1).float() / 127.5 - 1
-        x = x[None].expand(len(self.steps), -1, -1, -1)
+        x = image_tensor(image, self.device, "symmetric").expand(len(self.steps), -1, -1, -1)
         t = torch.tensor(self.steps, device=self.device)
         noise = self.noise.expand_as(x) if self.noise is not None else torch.randn_like(x)
         x_t = self.diffusion.q_sample(x, t, noise=noise)

@@ -15,14 +15,11 @@ from torch import nn
 
 from guided_diffusion.checkpoint import CheckpointError, load_state_dict_strict, safe_load
 
-from . import register
+from . import image_tensor, register
 
 # The paper's encoder (models_mae.mae_vit_large_patch8 at 256x256). img_size follows the config's dim.
 ARCHITECTURE = dict(patch_size=8, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0)
 NUM_FEATURE_BLOCKS = 12
-# MAE pre-training normalises images with the ImageNet statistics.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def is_decoder_key(key: str) -> bool:
@@ -68,10 +65,8 @@ class MAEFeatureExtractor:
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> list:
         """uint8 [H, W, 3] -> one [embed_dim, H / patch, W / patch] map per block (class token dropped)."""
-        x = torch.from_numpy(np.array(image)).to(self.device).permute(2, 0, 1).float() / 255
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
-        std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
-        maps = self.encoder.forward_intermediates(((x - mean) / std)[None], indices=self.block_indices,
+        x = image_tensor(image, self.device, "imagenet")
+        maps = self.encoder.forward_intermediates(x, indices=self.block_indices,
                                                   output_fmt="NCHW", intermediates_only=True, stop_early=True)
         return [m[0].float() for m in maps]
 
@@ -81,13 +76,14 @@ def build_mae(cfg, model_flags, device, seed, random_init):
     image_size = tuple(cfg["dim"][:2])
     patch = ARCHITECTURE["patch_size"]
     if image_size[0] % patch or image_size[1] % patch:
-        raise ValueError(f"MAE cuts images into {patch}x{patch} patches: dim {cfg['dim'][:2]} must be multiples of {patch}")
+        raise ValueError(f"MAE cuts images into {patch}x{patch} patches: dim {cfg['dim'][:2]} must be "
+                         f"multiples of {patch}")
     if random_init:
         torch.manual_seed(seed)
     encoder = create_mae_encoder(image_size, **ARCHITECTURE)
     if not random_init:
         # The position embeddings fix the image size: a checkpoint pre-trained at another size fails here
         # with a pos_embed shape mismatch.
-        load_state_dict_strict(encoder, read_mae_encoder_state_dict(cfg["model_path"]), cfg["model_path"])
+        load_state_dict_strict(encoder, read_mae_encoder_state_dict(cfg["model_path"]), cfg["model_path"], hints=None)
     encoder.to(device).eval()
     return MAEFeatureExtractor(encoder, NUM_FEATURE_BLOCKS, cfg["input_activations"])

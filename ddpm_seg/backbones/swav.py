@@ -13,13 +13,12 @@ from torchvision.models.resnet import Bottleneck
 
 from guided_diffusion.checkpoint import CheckpointError, load_state_dict_strict, safe_load
 
-from . import register
+from . import image_tensor, register
 
 # model_type -> SwAVResNet50 arguments of the released backbones.
 ARCHITECTURES = {"swav": dict(widen=1), "swav_w2": dict(widen=2)}
+STAGE_DEPTHS = (3, 4, 6, 3)  # bottleneck blocks per stage of a ResNet-50
 HEAD_PREFIXES = ("projection_head.", "prototypes.")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def make_stage(in_channels: int, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
@@ -40,10 +39,10 @@ class SwAVResNet50(nn.Module):
 
     widen=1 is torchvision's resnet50 (same modules, names and numbers) minus avgpool and fc. widen=2 doubles
     the stem too (128 channels), unlike torchvision's wide_resnet50_2, which widens only the bottlenecks.
-    `width` and `depths` are the paper's; tests shrink `width` to get small models with the same hooks.
+    `width` is the ResNet-50 stem's; tests shrink it to get small models with the same blocks and hooks.
     """
 
-    def __init__(self, widen: int = 1, width: int = 64, depths=(3, 4, 6, 3)):
+    def __init__(self, widen: int = 1, width: int = 64):
         super().__init__()
         width *= widen
         # SwAV pads by 1, then convolves with padding 2: the same numbers as torchvision's padding 3.
@@ -53,11 +52,10 @@ class SwAVResNet50(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         in_channels = width
-        for i, num_blocks in enumerate(depths):
+        for i, num_blocks in enumerate(STAGE_DEPTHS):
             planes = width * 2**i
             setattr(self, f"layer{i + 1}", make_stage(in_channels, planes, num_blocks, stride=1 if i == 0 else 2))
             in_channels = planes * Bottleneck.expansion
-        self.num_stages = len(depths)
         # SwAV's (and torchvision's) initialisation, used by --random_init; BN starts at weight 1, bias 0.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -67,8 +65,8 @@ class SwAVResNet50(nn.Module):
         """Activations of blocks 0, 2, 4, ... of every stage, in order: their inputs, or their outputs."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(self.padding(x)))))
         taken = []
-        for i in range(self.num_stages):
-            for j, block in enumerate(getattr(self, f"layer{i + 1}")):
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for j, block in enumerate(stage):
                 read = j % 2 == 0
                 if read and input_activations:
                     taken.append(x)
@@ -79,7 +77,8 @@ class SwAVResNet50(nn.Module):
 
 
 def read_swav_state_dict(path: str) -> dict:
-    """The backbone entries of a SwAV checkpoint {'state_dict': ...}: 'module.' stripped, head and prototypes dropped."""
+    """The backbone entries of a SwAV checkpoint {'state_dict': ...}: 'module.' stripped, head and
+    prototypes dropped."""
     checkpoint = safe_load(path, "SwAV checkpoint")
     state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -93,7 +92,7 @@ def read_swav_state_dict(path: str) -> dict:
 def load_swav(model: SwAVResNet50, path: str) -> None:
     state_dict = read_swav_state_dict(path)
     try:
-        load_state_dict_strict(model, state_dict, path)
+        load_state_dict_strict(model, state_dict, path, hints=None)
     except CheckpointError as e:
         # The likely mistake is a ResNet-50 file for swav_w2 or the reverse: the stem width tells which it is.
         stem = state_dict.get("conv1.weight")
@@ -116,10 +115,8 @@ class SwAVFeatureExtractor:
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> list:
         """uint8 [H, W, 3] -> maps [C, h, w] (float32) at strides 4, 4, 4, 8, 8, 16, 16, 16, 32."""
-        x = torch.from_numpy(np.array(image)).to(self.device).permute(2, 0, 1).float() / 255
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
-        std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
-        return [a[0].float() for a in self.model(((x - mean) / std)[None], self.input_activations)]
+        x = image_tensor(image, self.device, "imagenet")
+        return [a[0].float() for a in self.model(x, self.input_activations)]
 
 
 @register("swav")
