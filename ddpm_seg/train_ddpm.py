@@ -132,7 +132,7 @@ class ShardedBatchSampler(Sampler):
         step = self.start_step
         while True:
             epoch, k = divmod(step, self.batches_per_epoch)
-            if k == 0 or step == self.start_step:
+            if k == 0 or step == self.start_step:  # a new epoch, or the one a resumed run starts inside
                 order = np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
                 shard = order[self.rank :: self.world_size][: self.per_rank]
             yield shard[k * self.batch_size : (k + 1) * self.batch_size].tolist()
