@@ -11,6 +11,8 @@ COMMANDS = {
     "demo": ("demo", "generate the demo data, train a small DDPM and segment with its features (CPU, no downloads)"),
     "train-interpreter": ("train_interpreter", "extract features, train the pixel-classifier ensemble, evaluate mIoU"),
     "train-ddpm": ("train_ddpm", "train a guided-diffusion DDPM on a folder of unlabelled images"),
+    "generate-dataset": ("generate_dataset", "DatasetDDPM: sample the DDPM, label the samples with the ensemble (.npz)"),
+    "train-deeplab": ("train_deeplab", "train DeepLabV3 on a DatasetDDPM/DatasetGAN .npz, evaluate mIoU on real images"),
     "bench": ("bench", "memory and speed benchmark of the feature store, ensemble training and prediction"),
     "download": ("download", "fetch datasets and checkpoints with resume and checksum verification"),
     "report": ("report", "collect finished runs' metrics.json into a mean ± std table (markdown + CSV)"),

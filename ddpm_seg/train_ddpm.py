@@ -45,7 +45,7 @@ from guided_diffusion.script_util import (
 )
 
 from .data import list_images, read_image
-from .utils import atomic_torch_save, atomic_write_json, resolve_device, seed_everything
+from .utils import atomic_torch_save, atomic_write_json, seed_everything, setup_distributed
 
 LOG_FILENAME = "train_log.jsonl"
 
@@ -215,21 +215,6 @@ def _resolve_options(args):
     return opts
 
 
-def _setup_distributed(device_name):
-    """(rank, world_size, device, initialised_here) from torchrun's environment; single process without it."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_name)
-    if world_size == 1:
-        return 0, 1, device, False
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    initialised_here = not dist.is_initialized()
-    if initialised_here:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device, initialised_here
-
-
 def _load_saved_state(checkpoint_dir, step, emas, opt):
     """Restore the EMAs and optimizer saved at `step` beside a resumed model; absent files keep their fresh state."""
     saved = checkpoint_paths(checkpoint_dir, step, [ema.rate for ema in emas])
@@ -284,7 +269,7 @@ def train_ddpm(args):
     ema ({rate: path}), and log (path of the JSON-lines loss log).
     """
     opts = _resolve_options(args)
-    rank, world_size, device, initialised_here = _setup_distributed(opts.device)
+    rank, world_size, device, initialised_here = setup_distributed(opts.device)
     try:
         return _run(opts, rank, world_size, device)
     finally:

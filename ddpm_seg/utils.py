@@ -8,6 +8,7 @@ import tempfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -61,3 +62,33 @@ def atomic_write_json(path: str, obj) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
+
+
+def setup_distributed(device_name):
+    """(rank, world_size, device, initialised_here) from torchrun's environment; single process without it."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world_size == 1:
+        return 0, 1, device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    initialised_here = not dist.is_initialized()
+    if initialised_here:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, initialised_here
+
+
+def check_settings(path: str, settings: dict, write: bool) -> None:
+    """Refuse to resume work saved with other settings (listed in the JSON file `path`); write the file
+    (rank 0) when there is none yet."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if differ:
+            raise ValueError(f"{path}: the files beside it were made with other settings "
+                             f"({ {k: saved.get(k) for k in differ} } vs now { {k: settings.get(k) for k in differ} }); "
+                             "use another output folder or delete that one")
+    elif write:
+        atomic_write_json(path, settings)

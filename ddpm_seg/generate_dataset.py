@@ -1,0 +1,269 @@
+"""generate-dataset: sample images from the DDPM and label them with a trained ensemble (DatasetDDPM).
+
+Each sample is labelled exactly as train-interpreter labels a real image: its uint8 pixels go through
+the experiment's feature extractor (same steps, blocks and shared noise seed) and the ensemble's
+majority vote; the image's uncertainty score is kept for filtering. The result has the original's
+layout, <out_dir>/samples_<H>x<W>x3.npz with
+    arr_0  uint8   [N, H, W, 3]  images
+    arr_1  uint8   [N, H, W]     labels
+    arr_2  float32 [N]           uncertainty scores (mean of the top 10% pixel uncertainties)
+
+Samples are made in chunks of --batch_size consecutive indices, and each finished chunk is written
+to <out_dir>/samples_<H>x<W>x3_shards/chunk_<k>.npz beside an index.json of the settings: a stopped
+run resumes with the chunks it lacks, and one started with other settings is refused. The shards are
+merged into the final file at the end.
+
+Reproducibility: sample i draws its starting noise and every ancestral step's noise from its own
+generator seeded with (sample_seed, i), and a chunk is the same batch whatever the number of
+processes, so the final file does not depend on how many workers made it (on one device type, with
+the same --batch_size). Under torchrun (WORLD_SIZE > 1) process r makes the chunks k with
+k % world_size == r (nccl on CUDA, gloo on CPU) and rank 0 merges them once all are on disk.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    create_gaussian_diffusion,
+    diffusion_defaults,
+    model_and_diffusion_defaults,
+)
+
+from .backbones import create_feature_extractor
+from .config import check_paths, load_experiment, run_dir
+from .ensemble import MLPEnsemble, predict_logits
+from .evaluate import image_uncertainty_score, majority_vote, uncertainty_map
+from .train_interpreter import member_path, resolve_model_flags
+from .utils import atomic_path, check_settings, setup_distributed
+
+INDEX_NAME = "index.json"
+
+
+def sampling_defaults():
+    """The original generate_dataset.py's sampling flags (num_samples, batch_size per process, ddim, clipping)."""
+    return dict(num_samples=10000, batch_size=16, sample_seed=0, use_ddim=False, clip_denoised=True)
+
+
+def add_args(parser):
+    parser.add_argument("--exp", required=True, help="experiment config, e.g. experiments/bedroom_28/datasetDDPM.json")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the trained ensemble run (its folder and its shared feature noise)")
+    parser.add_argument("--run_dir", default=None, help="the ensemble's folder (default <exp_dir>/<suffix>/seed_<seed>)")
+    parser.add_argument("--out_dir", default=None, help="where the .npz goes (default: the ensemble's folder)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (under torchrun: cuda:LOCAL_RANK)")
+    add_dict_to_argparser(parser, sampling_defaults())
+    # Model flags, as train-interpreter takes them. --timestep_respacing (e.g. 250, or ddim100 with --use_ddim True)
+    # shortens sampling only: features are always taken on the full process the ensemble was trained with.
+    add_dict_to_argparser(parser, model_and_diffusion_defaults())
+
+
+def sample_seed(seed: int, index: int, stream: int = 0) -> int:
+    """Seed of sample `index`'s random stream (0: sampling noise, 1: feature noise): a function of its arguments alone."""
+    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1)[0])
+
+
+def sampling_diffusion(flags: dict):
+    """The diffusion to sample with: the model's own, respaced by flags['timestep_respacing']."""
+    opts = {k: flags[k] for k in diffusion_defaults()}
+    opts["steps"] = opts.pop("diffusion_steps")
+    return create_gaussian_diffusion(**opts)
+
+
+@torch.no_grad()
+def sample_images(model, diffusion, indices, seed, image_size, use_ddim=False, clip_denoised=True) -> np.ndarray:
+    """Samples `indices` as one batch -> uint8 [B, H, W, 3].
+
+    Ancestral sampling draws x_T and each step's noise from a per-sample generator on the model's
+    device, so sample i is the same in any batch position and on any rank. DDIM here is eta = 0,
+    which adds no noise after x_T.
+    """
+    device = next(model.parameters()).device
+    generators = [torch.Generator(device=device).manual_seed(sample_seed(seed, i)) for i in indices]
+
+    def noise():
+        return torch.stack([torch.randn(3, *image_size, generator=g, device=device) for g in generators])
+
+    x = noise()
+    for step in reversed(range(diffusion.num_timesteps)):
+        t = torch.full((len(indices),), step, dtype=torch.long, device=device)
+        if use_ddim:
+            x = diffusion.ddim_sample(model, x, t, clip_denoised=clip_denoised)["sample"]
+        else:
+            out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
+            # The last step returns the mean: there is no x_{-1} to add noise for.
+            x = out["mean"] if step == 0 else out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise()
+    # Truncating conversion, as guided-diffusion's samplers and the original generate_dataset.py write images.
+    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def label_images(extractor, ensemble, images, indices, seed):
+    """uint8 images [B, H, W, 3] -> (uint8 labels [B, H, W], float32 uncertainty scores [B]), as on real images."""
+    labels, scores = [], []
+    for image, i in zip(images, indices):
+        # Only matters without share_noise: the extractor then draws fresh noise from the global generator.
+        torch.manual_seed(sample_seed(seed, i, stream=1))
+        logits = predict_logits(ensemble, extractor(image), image.shape[:2])
+        labels.append(majority_vote(logits).cpu().numpy().astype(np.uint8))
+        scores.append(image_uncertainty_score(uncertainty_map(logits).cpu()))
+    return np.stack(labels), np.array(scores, dtype=np.float32)
+
+
+def chunk_ranges(num_samples: int, batch_size: int) -> list:
+    return [(s, min(s + batch_size, num_samples)) for s in range(0, num_samples, batch_size)]
+
+
+def output_path(out_dir: str, image_size) -> str:
+    return os.path.join(out_dir, f"samples_{image_size[0]}x{image_size[1]}x3.npz")
+
+
+def shard_dir(out_path: str) -> str:
+    return os.path.splitext(out_path)[0] + "_shards"
+
+
+def chunk_path(folder: str, k: int) -> str:
+    return os.path.join(folder, f"chunk_{k:06d}.npz")
+
+
+def save_npz(path: str, *arrays, **named) -> None:
+    """np.savez through a file object (np.savez would append .npz to the temporary name), atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, *arrays, **named)
+
+
+def save_chunk(path, indices, images, labels, scores):
+    save_npz(path, indices=np.asarray(indices, dtype=np.int64), images=images, labels=labels, uncertainties=scores)
+
+
+def wait_for_chunks(folder: str, num_chunks: int, poll_s: float = 2.0) -> None:
+    """Wait until every chunk is on disk. Rank 0 polls the files instead of a collective barrier: the last
+    ranks may still sample a whole chunk, longer than NCCL's default timeout of 10 minutes. (If a rank
+    fails, torchrun stops this one too.)"""
+    while not all(os.path.isfile(chunk_path(folder, k)) for k in range(num_chunks)):
+        time.sleep(poll_s)
+
+
+def merge_shards(folder: str, chunks: list, out_path: str) -> None:
+    """Concatenate the chunks in index order into the original 3-array .npz, then drop the chunk files."""
+    parts = []
+    for k, (start, end) in enumerate(chunks):
+        with np.load(chunk_path(folder, k)) as shard:
+            if not np.array_equal(shard["indices"], np.arange(start, end)):
+                raise ValueError(f"{chunk_path(folder, k)}: holds samples {shard['indices'].tolist()}, "
+                                 f"expected {start}..{end - 1}")
+            parts.append((shard["images"], shard["labels"], shard["uncertainties"]))
+    images, labels, scores = (np.concatenate(a) for a in zip(*parts))
+    save_npz(out_path, images, labels, scores)
+    for k in range(len(chunks)):
+        os.remove(chunk_path(folder, k))
+
+
+def load_ensemble(cfg, folder, seed, device):
+    ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=seed).to(device)
+    for m in range(cfg["model_num"]):
+        path = member_path(folder, m)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"pixel classifier {path!r} does not exist; train the ensemble first "
+                                    "(ddpm-seg train-interpreter --exp <this config>) or pass --run_dir")
+        ensemble.load_member(path, m)
+    return ensemble.eval()
+
+
+def check_options(cfg, exp_path, opts):
+    if cfg["model_type"] != "ddpm":
+        raise ValueError(f"{exp_path}: generate-dataset samples from a DDPM; model_type is {cfg['model_type']!r}")
+    if cfg["dim"][0] != cfg["dim"][1]:
+        raise ValueError(f"{exp_path}: the DDPM makes square images; dim is {cfg['dim'][:2]}")
+    if cfg["number_class"] > 256 or not 0 <= cfg["ignore_label"] <= 255:
+        raise ValueError(f"{exp_path}: labels are stored as uint8, so number_class must be <= 256 and "
+                         f"ignore_label in 0..255 (got {cfg['number_class']}, {cfg['ignore_label']})")
+    for key in ("num_samples", "batch_size"):
+        if opts[key] < 1:
+            raise ValueError(f"--{key} must be >= 1, got {opts[key]}")
+
+
+def generate_dataset(args, argv=()):
+    """Run generate-dataset from parsed CLI args; returns {"path", "num_samples", "new_samples", "seconds",
+    "samples_per_s"} (other ranks than 0 return None for the path and the rate)."""
+    cfg = load_experiment(args.exp)
+    flags = resolve_model_flags(cfg, args, list(argv))
+    opts = {k: getattr(args, k) for k in sampling_defaults()}
+    check_options(cfg, args.exp, opts)
+    check_paths(cfg, ["model_path"], args.exp)
+    rank, world_size, device, initialised_here = setup_distributed(args.device)
+    try:
+        return _run(cfg, args, flags, opts, rank, world_size, device)
+    finally:
+        if initialised_here:
+            dist.destroy_process_group()
+
+
+def _run(cfg, args, flags, opts, rank, world_size, device):
+    ensemble_dir = args.run_dir or run_dir(cfg, args.seed)
+    size = tuple(cfg["dim"][:2])
+    out_path = output_path(args.out_dir or ensemble_dir, size)
+    folder = shard_dir(out_path)
+    settings = {**opts, "seed": args.seed, "exp": cfg, "model_flags": flags,
+                "ensemble_dir": os.path.abspath(ensemble_dir)}
+    os.makedirs(folder, exist_ok=True)
+    check_settings(os.path.join(folder, INDEX_NAME), settings, write=rank == 0)
+    if os.path.isfile(out_path):
+        print(f"{out_path} is complete; nothing to do")
+        return {"path": out_path, "num_samples": opts["num_samples"], "new_samples": 0, "seconds": 0.0,
+                "samples_per_s": None}
+
+    # Features on the full process the ensemble was trained with; sampling on the (maybe respaced) one.
+    extractor = create_feature_extractor(cfg, {**flags, "timestep_respacing": ""}, device, seed=args.seed)
+    ensemble = load_ensemble(cfg, ensemble_dir, args.seed, device)
+    diffusion = sampling_diffusion(flags)
+    chunks = chunk_ranges(opts["num_samples"], opts["batch_size"])
+    missing = [k for k in range(len(chunks)) if not os.path.isfile(chunk_path(folder, k))]
+    mine = [k for k in missing if k % world_size == rank]
+    new_samples = sum(chunks[k][1] - chunks[k][0] for k in missing)
+    if rank == 0:
+        method = "DDIM" if opts["use_ddim"] else "ancestral"
+        print(f"{new_samples} of {opts['num_samples']} samples to make ({method}, {diffusion.num_timesteps} steps) "
+              f"on {world_size} process(es); chunks in {folder}")
+
+    start = time.time()
+    bar = tqdm(total=sum(chunks[k][1] - chunks[k][0] for k in mine), unit="sample",
+               desc=f"generate (rank {rank})" if world_size > 1 else "generate", disable=rank != 0, dynamic_ncols=True)
+    for k in mine:
+        indices = range(*chunks[k])
+        images = sample_images(extractor.model, diffusion, indices, opts["sample_seed"], size,
+                               opts["use_ddim"], opts["clip_denoised"])
+        labels, scores = label_images(extractor, ensemble, images, indices, opts["sample_seed"])
+        save_chunk(chunk_path(folder, k), indices, images, labels, scores)
+        bar.update(len(indices))
+    bar.close()
+    if rank != 0:
+        return {"path": None, "num_samples": opts["num_samples"], "new_samples": new_samples,
+                "seconds": time.time() - start, "samples_per_s": None}
+    wait_for_chunks(folder, len(chunks))
+    seconds = time.time() - start
+    rate = new_samples / seconds if new_samples and seconds > 0 else None
+    merge_shards(folder, chunks, out_path)
+    if rate is not None:
+        print(f"{new_samples} samples in {seconds:.1f} s: {rate:.3f} samples/s over {world_size} process(es)")
+    print(f"saved {out_path}")
+    return {"path": out_path, "num_samples": opts["num_samples"], "new_samples": new_samples, "seconds": seconds,
+            "samples_per_s": rate}
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="ddpm-seg generate-dataset", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser)
+    args = parser.parse_args(argv)
+    generate_dataset(args, argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
