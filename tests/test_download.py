@@ -269,7 +269,9 @@ def test_packaged_table_has_the_official_sources():
     expected = {"datasets", "pixel_classifiers"}
     expected |= {f"{b}/{n}" for b in ("ddpm", "mae", "swav", "swav_w2") for n in names}
     expected |= {f"synthetic/{g}/{d}" for g in ("ddpm", "gan") for d in datasets}
+    expected |= {"deeplab/resnet101", "deeplab/resnet50"}
     assert set(table) == expected
+    assert table["deeplab/resnet101"]["urls"] == ["https://download.pytorch.org/models/resnet101-63fe2227.pth"]
     assert table["datasets"]["urls"] == [f"{yandex}/datasets.tar.gz"]
     openai = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021"
     assert table["ddpm/lsun_cat"]["urls"] == [f"{yandex}/models/ddpm_checkpoints/lsun_cat.pt", f"{openai}/lsun_cat.pt"]
@@ -289,6 +291,7 @@ SCRIPTS = [
     ("checkpoints/mae/download_checkpoint.sh", "ffhq", "mae/ffhq"),
     ("checkpoints/swav/download_checkpoint.sh", "lsun_horse", "swav/lsun_horse"),
     ("checkpoints/swav_w2/download_checkpoint.sh", "lsun_bedroom", "swav_w2/lsun_bedroom"),
+    ("checkpoints/deeplab/download_checkpoint.sh", "resnet101", "deeplab/resnet101"),
     ("synthetic_datasets/ddpm/download_synthetic_dataset.sh", "bedroom_28", "synthetic/ddpm/bedroom_28"),
     ("synthetic_datasets/gan/download_synthetic_dataset.sh", "horse_21", "synthetic/gan/horse_21"),
 ]

@@ -12,6 +12,9 @@
 set -euo pipefail
 DATASET=${1:?usage: bash scripts/datasetDDPM/train_deeplab.sh <bedroom_28|ffhq_34|cat_15|horse_21> [flags]}
 shift
-exec ddpm-seg train-deeplab --exp "experiments/${DATASET}/datasetDDPM.json" \
+# The paper's DeepLab backbone is ImageNet-pretrained: fetch it with checkpoints/deeplab/download_checkpoint.sh resnet101.
+WEIGHTS=()
+if [ -f checkpoints/deeplab/resnet101.pth ]; then WEIGHTS=(--backbone_weights checkpoints/deeplab/resnet101.pth); fi
+exec ddpm-seg train-deeplab "${WEIGHTS[@]}" --exp "experiments/${DATASET}/datasetDDPM.json" \
     --data_path "synthetic_datasets/ddpm/${DATASET}/samples_256x256x3.npz" \
     --max_data 50000 --uncertainty_portion 0.1 "$@"
