@@ -13,6 +13,7 @@ COMMANDS = {
     "train-ddpm": ("train_ddpm", "train a guided-diffusion DDPM on a folder of unlabelled images"),
     "generate-dataset": ("generate_dataset", "DatasetDDPM: sample the DDPM, label the samples with the ensemble (.npz)"),
     "train-deeplab": ("train_deeplab", "train DeepLabV3 on a DatasetDDPM/DatasetGAN .npz, evaluate mIoU on real images"),
+    "sweep": ("sweep", "mIoU of a light interpreter per (step, block) on cached activations: heat-map + CSV"),
     "bench": ("bench", "memory and speed benchmark of the feature store, ensemble training and prediction"),
     "download": ("download", "fetch datasets and checkpoints with resume and checksum verification"),
     "report": ("report", "collect finished runs' metrics.json into a mean ± std table (markdown + CSV)"),
