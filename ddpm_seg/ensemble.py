@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from guided_diffusion.checkpoint import safe_load
 
-from .feature_store import sample_bilinear
 from .utils import atomic_torch_save
 
 # Our layer name -> index of the same layer in the original nn.Sequential (`module.layers.<i>`).
@@ -93,6 +92,16 @@ class BatchedBatchNorm(nn.Module):
         }
 
 
+def _fold(bn, fc, members):
+    """(bias [A, 1, out], weight [A, in, out]) of fc(bn(x)) for a batch norm in eval mode."""
+    sel = slice(None) if members is None else members
+    scale = bn.weight[sel] * torch.rsqrt(bn.running_var[sel] + bn.eps)
+    shift = bn.bias[sel] - bn.running_mean[sel] * scale
+    weight = fc.weight[sel]
+    bias = fc.bias[sel].unsqueeze(1) + torch.bmm(shift.unsqueeze(1), weight)
+    return bias, scale.unsqueeze(2) * weight
+
+
 class MLPEnsemble(nn.Module):
     """`num_members` pixel classifiers as one module; forward(x [M, B, dim]) -> logits [M, B, num_classes]."""
 
@@ -118,9 +127,16 @@ class MLPEnsemble(nn.Module):
 
     def tail(self, z1, members=None):
         """Everything after the first Linear, from its output z1 [A, B, h1]."""
-        h = self.bn1(F.relu(z1), members)
-        h = self.bn2(F.relu(self.fc2(h, members)), members)
-        return self.fc3(h, members)
+        if self.training:
+            h = self.bn1(F.relu(z1), members)
+            h = self.bn2(F.relu(self.fc2(h, members)), members)
+            return self.fc3(h, members)
+        # In eval mode a batch norm is an affine map: folded into the next Linear it costs nothing, and
+        # on a full image the elementwise passes, not the matmuls, were most of the prediction time.
+        bias, weight = _fold(self.bn1, self.fc2, members)
+        h = F.relu(torch.baddbmm(bias, F.relu(z1).to(weight.dtype), weight))
+        bias, weight = _fold(self.bn2, self.fc3, members)
+        return torch.baddbmm(bias, h, weight)
 
     # ---- the original per-member checkpoint format ----
 
@@ -215,7 +231,10 @@ def train_ensemble(
     streams = {m: sampler.stream(member_seed(seed, m), batch_size) for m in members}
     stats = {m: {"steps": 0, "epoch": 0, "best_loss": 10000000.0} for m in members}  # original starts at 1e7
     patience = {m: 0 for m in members}
-    optimizer = torch.optim.Adam(ensemble.parameters(), lr=lr)
+    # The fused kernel updates all members' 10M+ parameters in one pass: ~10x faster than the per-tensor
+    # loop on CPU, and the optimizer step, not the matmuls, bounds a step at batch 64.
+    optimizer = torch.optim.Adam(ensemble.parameters(), lr=lr, fused=dtype in (torch.float32, torch.float64)
+                                 and device.type in ("cpu", "cuda"))
     ensemble.train()
     active = list(members)
     bar = tqdm(total=len(members), desc="members done", disable=not progress)
@@ -270,39 +289,38 @@ def predict_logits(ensemble, maps, out_size, chunk=8192):
     """Logits [M, C, H, W] of every member for one image, given its maps [C_k, h_k, w_k] in feature order.
 
     The first Linear commutes with bilinear upsampling, so it is applied at each map's native
-    resolution (maps of equal resolution together) and only its [M * h1] output is upsampled,
-    instead of the full dim-channel stack. The rest runs per pixel, `chunk` pixels at a time,
-    with batch norm in eval mode (a chunk's temporaries are about 4 * chunk * M * h1 floats).
+    resolution (maps of equal resolution together, one matmul) and only its [M * h1] output is
+    upsampled, instead of the full dim-channel stack. The rest runs per pixel, `chunk` pixels at a
+    time, with batch norm in eval mode.
     """
     device, dtype = ensemble.fc1.weight.device, ensemble.fc1.weight.dtype
     num_members, dim, h1 = ensemble.fc1.weight.shape
     if sum(f.shape[0] for f in maps) != dim:
         raise ValueError(f"maps have {sum(f.shape[0] for f in maps)} channels in total, ensemble expects {dim}")
-    # z1 = sum over maps of W1[rows of map k]^T x_k: group maps by resolution, each group one matmul.
     groups = {}
     start = 0
     for fmap in maps:
         groups.setdefault(tuple(fmap.shape[1:]), []).append((start, fmap))
         start += fmap.shape[0]
-    low_res = []
+    height, width = out_size
+    z1 = None  # first-layer pre-activation at full resolution, channels-last: [1, M * h1, H, W] over [H, W, M * h1]
     for (h, w), items in groups.items():
         feats = torch.cat([f.to(device, dtype).reshape(f.shape[0], h * w) for _, f in items])
         weight = torch.cat([ensemble.fc1.weight[:, s:s + f.shape[0]] for s, f in items], dim=1)
         z = feats.t() @ weight.transpose(0, 1).reshape(feats.shape[0], num_members * h1)
-        low_res.append(z.view(1, h, w, num_members * h1))
+        # Channels-last interpolation reads each source pixel's channels as one row: ~1.5x faster on CPU.
+        z = F.interpolate(z.view(1, h, w, -1).permute(0, 3, 1, 2), size=out_size, mode="bilinear",
+                          align_corners=False)
+        z1 = z if z1 is None else z1.add_(z)
+    z1 = z1.permute(0, 2, 3, 1).reshape(height * width, num_members, h1)
+    bias = ensemble.fc1.bias.unsqueeze(1)
 
-    height, width = out_size
     out = torch.empty(num_members, ensemble.num_classes, height * width, device=device)
     was_training = ensemble.training
     ensemble.eval()
     try:
         for begin in range(0, height * width, chunk):
-            pix = torch.arange(begin, min(begin + chunk, height * width), device=device)
-            ys, xs = pix.div(width, rounding_mode="floor"), pix.remainder(width)
-            img = torch.zeros_like(pix)
-            z1 = ensemble.fc1.bias.reshape(-1) + sum(sample_bilinear(z, img, ys, xs, out_size) for z in low_res)
-            logits = ensemble.tail(z1.view(-1, num_members, h1).transpose(0, 1))
-            out[:, :, begin:begin + pix.numel()] = logits.transpose(1, 2)
+            out[:, :, begin:begin + chunk] = ensemble.tail(z1[begin:begin + chunk].transpose(0, 1) + bias).transpose(1, 2)
     finally:
         ensemble.train(was_training)
     return out.view(num_members, ensemble.num_classes, height, width)
