@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+
+from ddpm_seg import bench
+from ddpm_seg.ensemble import MLPEnsemble, predict_logits
+from ddpm_seg.evaluate import majority_vote
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """The whole bench on the tiny layout, every phase in its own spawned process, as the CLI runs it."""
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    bench.main(["--small", "--n", "3", "--orig-n", "1", "--members", "3", "--train-steps", "10",
+                "--predict-runs", "1", "--quality-n", "2", "--quality-test", "1", "--quality-steps", "150",
+                "--threads", "1", "--quiet", "--json", str(path)])
+    return json.loads(path.read_text())
+
+
+def test_small_bench_reports_every_phase(small_run, capsys):
+    r = small_run
+    for phase in ("store", "train", "predict"):
+        for side in ("ours", "original"):
+            figures = r[phase][side]
+            assert figures["time_s"] > 0 and figures["peak_rss"] >= figures["base_rss"] > 0, (phase, side)
+    assert r["store"]["ours"]["store_bytes"] == 3 * r["layout"]["store_bytes_per_image"]
+    assert r["store"]["original"]["tensor_bytes"] == r["layout"]["full_res_bytes_per_image"]
+    assert r["layout"]["features"] == 3 * sum(c for c, _ in bench.PAPER_BLOCKS) // bench.SMALL_CHANNELS
+    assert r["train"]["ours"]["pixels_per_s"] > 0 and r["train"]["original"]["pixels_per_s"] > 0
+    # The original's figure for N = 3 images: the printed formula applied to the base measured at N = 1.
+    g = r["train"]["original"]
+    assert g["peak_rss_computed"] == g["base_rss"] + 2 * 3 * r["layout"]["full_res_bytes_per_image"]
+    assert r["store"]["original"]["time_s_computed"] == pytest.approx(3 * r["store"]["original"]["time_s"])
+    assert r["train"]["speedup"] > 0 and r["predict"]["speedup"] > 0
+    # Same members, same image: the two prediction paths must give the same labels.
+    assert r["predict"]["agreement"] >= 0.999 and r["targets"]["predict_agreement"]["met"]
+    q = r["quality"]
+    assert q["miou_ours"] > q["miou_chance"] + 0.1 and q["miou_original"] > q["miou_chance"] + 0.1
+    assert set(r["targets"]) == set(bench.TARGETS)
+
+
+def test_table_has_a_row_per_phase(small_run):
+    table = bench.format_table(small_run)
+    lines = table.splitlines()
+    assert lines[0].startswith("phase") and [line.split()[0] for line in lines[2:]] == list(bench.PHASES)
+
+
+def test_original_formula():
+    # [N, D, H, W] + its reshape copy (2N), or N + 2 while filling when N is 1.
+    assert bench.original_peak_formula(100, 10, 50) == 100 + 10 * 100
+    assert bench.original_peak_formula(100, 10, 1) == 100 + 10 * 3
+
+
+def test_original_paths_match_ours_numerically():
+    """The original's training set and prediction, built from the same synthetic maps, agree with the
+    FeatureStore gather and predict_logits (what the bench's comparison relies on)."""
+    torch.manual_seed(0)
+    shapes, size = [(6, 4, 4), (5, 8, 8)], (16, 16)
+    task = bench.SyntheticTask(shapes, size, num_classes=3, seed=1)
+    X, y, seconds = bench.original_training_set(task, [0, 1], progress=False)
+    store, labels, _ = bench.build_store(task, [0, 1], progress=False)
+    assert X.shape == (2 * 16 * 16, 11) and seconds >= 0 and torch.equal(y.long(), labels.flatten())
+    pix = torch.arange(2 * 16 * 16)
+    img, rest = pix // 256, pix % 256
+    gathered = store.gather(img, rest // 16, rest % 16)
+    assert torch.allclose(X, gathered, atol=2e-3)  # the store holds float16
+
+    ensemble = MLPEnsemble(11, 3, 3, seed=0)
+    maps = task.maps(5)
+    ours = majority_vote(predict_logits(ensemble, maps, size))
+    nets = [bench.original_member(ensemble, m).eval() for m in range(3)]
+    assert (bench.predict_original(nets, maps, size) == ours).float().mean() > 0.99
+    x = bench.upsample_concat(maps, size).view(11, -1).t()
+    assert torch.allclose(nets[1](x), ensemble.eval()(x.expand(3, -1, -1))[1], atol=1e-5)
+
+
+def test_synthetic_task_is_deterministic_and_labels_follow_the_teacher():
+    shapes, size = bench.make_layout(small=True)
+    task = bench.SyntheticTask(shapes, size, num_classes=4, seed=0)
+    a, b = task.maps(7), bench.SyntheticTask(shapes, size, 4, seed=0).maps(7)
+    assert [tuple(m.shape) for m in a] == shapes and all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[0], task.maps(8)[0])
+    # Labels = argmax of the teacher on the full-resolution features.
+    full = bench.upsample_concat(a, size)
+    weight = torch.cat(task.teacher, dim=1)
+    expected = torch.einsum("kd,dhw->khw", weight, full).argmax(0)
+    assert (task.labels(a) == expected).float().mean() > 0.999
+    assert task.labels(a).unique().numel() > 1
+
+
+def test_fixed_step_sampler_trains_exactly_that_many_steps():
+    labels = torch.randint(0, 3, (1, 8, 8))
+    sampler = bench.FixedStepSampler(labels, 5)
+    stream = list(sampler.stream(0, 16))
+    assert [epoch for epoch, _ in stream] == [0] * 5 + [1]  # 64 pixels = 4 batches, but epochs stay 0
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--phases", "store,nope"])
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--n", "0"])
+    assert bench.build_parser().parse_args(["--phases", "train, predict"]).phases == ["train", "predict"]
