@@ -129,7 +129,8 @@ def evaluate(extractor, ensemble, items, cfg, folder, pictures=True):
         atomic_save_npy(os.path.join(folder, "predictions", stem + ".npy"), pred.numpy().astype(np.uint8))
         if pictures:
             save_prediction_picture(os.path.join(folder, "predictions", stem + ".png"), item.image, item.label,
-                                    pred.numpy(), unc.numpy(), palette, cfg["ignore_label"])
+                                    pred.numpy(), unc.numpy(), palette, cfg["ignore_label"],
+                                    scale=max(1, 128 // min(item.label.shape)))
     ious = matrix.iou()
     miou = matrix.miou()
     print(format_iou_table(ious, class_names, miou, ignore_label=cfg["ignore_label"]))

@@ -86,13 +86,14 @@ def _no_label_panel(height: int, width: int) -> np.ndarray:
     return np.asarray(panel)
 
 
-def save_prediction_picture(path, image, gt, pred, uncertainty, palette, ignore_label, titles=True) -> None:
+def save_prediction_picture(path, image, gt, pred, uncertainty, palette, ignore_label, titles=True, scale=1) -> None:
     """Write one PNG: image | ground truth | prediction | uncertainty, side by side.
 
     image: uint8 [H, W, 3]; gt: label map [H, W] or None (panel says "no label");
     pred: label map [H, W]; uncertainty: float map [H, W], drawn as a heat map scaled
     to its own maximum. Panels are PANEL_GAP pixels apart; with titles, a
-    TITLE_HEIGHT strip above them names each one.
+    TITLE_HEIGHT strip above them names each one. scale > 1 enlarges every panel by that integer
+    factor (nearest neighbour), so small images stay readable.
     """
     image = _to_numpy(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -107,6 +108,8 @@ def save_prediction_picture(path, image, gt, pred, uncertainty, palette, ignore_
         colorize(pred, palette, ignore_label),
         heatmap(uncertainty),
     ]
+    panels = [panel.repeat(scale, axis=0).repeat(scale, axis=1) for panel in panels]
+    height, width = height * scale, width * scale
     top = TITLE_HEIGHT if titles else 0
     canvas = Image.new("RGB", (len(panels) * width + (len(panels) - 1) * PANEL_GAP, top + height), BACKGROUND)
     for i, (panel, title) in enumerate(zip(panels, PANEL_TITLES)):

@@ -155,3 +155,12 @@ def test_mismatched_sizes_raise(tmp_path):
     with pytest.raises(ValueError, match="prediction shape"):
         save_prediction_picture(str(tmp_path / "x.png"), image, gt, pred[:4], unc, PALETTE, 255)
     assert os.listdir(tmp_path) == []
+
+
+def test_picture_scale_enlarges_each_panel(tmp_path):
+    image, gt, pred, unc = _example()
+    path = tmp_path / "big.png"
+    save_prediction_picture(str(path), image, gt, pred, unc, PALETTE, 255, titles=False, scale=3)
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    assert picture.shape == (24, 4 * 30 + 3 * PANEL_GAP, 3)
+    np.testing.assert_array_equal(_panel(picture, 2, 0, 24, 30), colorize(pred, PALETTE, 255).repeat(3, 0).repeat(3, 1))
