@@ -41,13 +41,17 @@ def safe_load(path: str, what: str = "checkpoint"):
         ) from None
 
 
-def read_state_dict(path: str, what: str = "DDPM checkpoint") -> dict:
-    """A checkpoint that must be a flat state_dict {name: tensor}, as guided-diffusion saves it."""
+def read_state_dict(path: str, what: str = "DDPM checkpoint", key: str = None) -> dict:
+    """A flat state_dict {name: tensor}: the whole file, as guided-diffusion saves it, or the entry `key` of
+    a wrapping dict (MAE's {'model': ...}, SwAV's {'state_dict': ...})."""
     obj = safe_load(path, what)
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        found = sorted(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(f"{what} {path!r} is not a state_dict of tensors (found {found})")
-    return obj
+    state_dict = obj.get(key) if key is not None and isinstance(obj, dict) else obj
+    if not isinstance(state_dict, dict) or not state_dict or not all(
+            isinstance(v, torch.Tensor) for v in state_dict.values()):
+        found = f"keys {sorted(obj)[:5]}" if isinstance(obj, dict) else type(obj).__name__
+        expected = "a state_dict of tensors" if key is None else f"{{{key!r}: state_dict of tensors}}"
+        raise CheckpointError(f"{what} {path!r} is not a {what} file: expected {expected}, found {found}")
+    return state_dict
 
 
 def _flag_hints(expected: dict, found: dict) -> list:

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
 from ddpm_seg.backbones import create_feature_extractor, mae, swav
 from ddpm_seg.backbones.mae import MAEFeatureExtractor, create_mae_encoder, is_decoder_key
@@ -21,6 +20,7 @@ from ddpm_seg.backbones.swav import SwAVFeatureExtractor, SwAVResNet50
 from ddpm_seg.cli import main as cli_main
 from ddpm_seg.config import load_experiment, run_dir
 from guided_diffusion.checkpoint import CheckpointError
+from scenes import write_splits
 
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = ["bedroom_28", "ffhq_34", "cat_15", "horse_21", "celeba_19", "ade_bedroom_30"]
@@ -325,32 +325,9 @@ def test_paper_configs_follow_the_ddpm_config(dataset):
                            steps=[], blocks=[], input_activations=method != "mae")
 
 
-def _scene(rng, size=SIZE):
-    """A bright square (class 1) and a dark bar (class 2) on a textured grey background (class 0)."""
-    image = np.full((size, size, 3), 120, dtype=np.uint8) + rng.integers(0, 20, (size, size, 3), dtype=np.uint8)
-    label = np.zeros((size, size), dtype=np.uint8)
-    side, bar = 3 * size // 8, size // 4  # several feature cells wide at stride 8
-    y, x = rng.integers(2, size - side - 2, 2)
-    image[y:y + side, x:x + side] = 230
-    label[y:y + side, x:x + side] = 1
-    col = rng.integers(0, size - bar)
-    image[:, col:col + bar] = 20
-    label[:, col:col + bar] = 2
-    label[0, 0] = 255  # an ignored pixel
-    return image, label
-
-
 @pytest.fixture
 def data(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 2), ("test", 2)):
-        folder = tmp_path / "data" / split
-        folder.mkdir(parents=True)
-        for i in range(n):
-            image, label = _scene(rng)
-            Image.fromarray(image).save(folder / f"{i:03d}.png")
-            np.save(folder / f"{i:03d}.npy", label)
-    return tmp_path / "data"
+    return write_splits(tmp_path / "data", {"train": 2, "test": 2}, size=SIZE, bar=SIZE // 4)
 
 
 @pytest.mark.parametrize("model_type, random_init", [("mae", False), ("swav", False), ("swav_w2", False),

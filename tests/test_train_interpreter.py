@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from ddpm_seg.cli import main as cli_main
+from scenes import write_splits
 from ddpm_seg.ensemble import MLPEnsemble
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -16,30 +17,9 @@ TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resoluti
             learn_sigma=True, diffusion_steps=100)
 
 
-def _scene(rng):
-    """A bright square (class 1) and a dark bar (class 2) on a mid-grey background (class 0)."""
-    image = np.full((32, 32, 3), 120, dtype=np.uint8) + rng.integers(0, 20, (32, 32, 3), dtype=np.uint8)
-    label = np.zeros((32, 32), dtype=np.uint8)
-    y, x = rng.integers(2, 18, 2)
-    image[y:y + 12, x:x + 12] = 230
-    label[y:y + 12, x:x + 12] = 1
-    col = rng.integers(0, 28)
-    image[:, col:col + 4] = 20
-    label[:, col:col + 4] = 2
-    label[0, 0] = 255  # an ignored pixel
-    return image, label
-
-
 @pytest.fixture
 def experiment(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("test", 3)):
-        folder = tmp_path / "data" / split
-        folder.mkdir(parents=True)
-        for i in range(n):
-            image, label = _scene(rng)
-            Image.fromarray(image).save(folder / f"{i:03d}.png")
-            np.save(folder / f"{i:03d}.npy", label)
+    write_splits(tmp_path / "data", {"train": 4, "test": 3}, size=32, bar=4)
     torch.manual_seed(0)
     model, _ = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **TINY})
     ckpt = tmp_path / "ckpt"

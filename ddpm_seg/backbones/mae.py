@@ -13,7 +13,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from guided_diffusion.checkpoint import CheckpointError, load_state_dict_strict, safe_load
+from guided_diffusion.checkpoint import load_state_dict_strict, read_state_dict
 
 from . import image_tensor, register
 
@@ -38,12 +38,7 @@ def create_mae_encoder(img_size, patch_size, embed_dim, depth, num_heads, mlp_ra
 
 def read_mae_encoder_state_dict(path: str) -> dict:
     """The encoder entries of an MAE pre-training checkpoint {'model': state_dict} (decoder entries dropped)."""
-    checkpoint = safe_load(path, "MAE checkpoint")
-    state_dict = checkpoint.get("model") if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        found = f"keys {sorted(checkpoint)[:5]}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointError(f"MAE checkpoint {path!r} is not an MAE pre-training file: expected "
-                              f"{{'model': state_dict of tensors}}, found {found}")
+    state_dict = read_state_dict(path, "MAE pre-training checkpoint", key="model")
     return {k: v for k, v in state_dict.items() if not is_decoder_key(k)}
 
 

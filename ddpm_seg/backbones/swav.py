@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
-from guided_diffusion.checkpoint import CheckpointError, load_state_dict_strict, safe_load
+from guided_diffusion.checkpoint import CheckpointError, load_state_dict_strict, read_state_dict
 
 from . import image_tensor, register
 
@@ -79,12 +79,7 @@ class SwAVResNet50(nn.Module):
 def read_swav_state_dict(path: str) -> dict:
     """The backbone entries of a SwAV checkpoint {'state_dict': ...}: 'module.' stripped, head and
     prototypes dropped."""
-    checkpoint = safe_load(path, "SwAV checkpoint")
-    state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        found = f"keys {sorted(checkpoint)[:5]}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointError(f"SwAV checkpoint {path!r} is not a SwAV training file: expected "
-                              f"{{'state_dict': state_dict of tensors}}, found {found}")
+    state_dict = read_state_dict(path, "SwAV training checkpoint", key="state_dict")
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     return {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIXES)}
 
