@@ -27,3 +27,22 @@ def test_small_demo_runs_end_to_end(tmp_path):
     before = os.path.getmtime(tmp_path / "checkpoints" / "demo" / "demo_ddpm.pt")
     assert main(["--root", str(tmp_path), "--small", "--device", "cpu"]) == 0
     assert os.path.getmtime(tmp_path / "checkpoints" / "demo" / "demo_ddpm.pt") == before
+
+
+def test_extra_backbones_fit_the_demo_images():
+    import numpy as np
+    import torch
+
+    from ddpm_seg.backbones import create_feature_extractor
+    from ddpm_seg.config import validate_experiment
+    from ddpm_seg.demo import baseline_configs
+
+    cfg = load_experiment(DEMO_EXPERIMENT)
+    configs = baseline_configs(cfg, ["mae", "swav", "swav_w2"])
+    assert configs["pixels"]["dim"] == [32, 32, 3]
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    for name in ("pixels", "swav", "swav_w2"):  # MAE's ViT-L is left out: 300M parameters to initialise
+        run_cfg = validate_experiment(configs[name])
+        maps = create_feature_extractor(run_cfg, {}, torch.device("cpu"), random_init=True)(image)
+        assert sum(m.shape[0] for m in maps) == run_cfg["dim"][-1]
+    assert configs["mae"]["dim"][-1] == 12 * 1024 and not configs["mae"]["input_activations"]
