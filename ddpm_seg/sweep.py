@@ -1,0 +1,246 @@
+"""sweep: which diffusion steps and UNet decoder blocks carry the most label information.
+
+One light interpreter per (step, block) cell, trained on that single activation map and scored by mIoU on the
+test images; the result is a steps x blocks table, written as sweep.csv and a heat-map sweep.png.
+
+Every forward pass of the UNet happens once: the training images are extracted once per step (all blocks of
+the step in that pass) and every cell of the step trains on its own map of that extraction; each test image is
+extracted once per step and scored by every cell. Each step runs as its own forward (batch of one image), the
+batch a one-step train-interpreter run uses: batching several steps changes convolution results in the last
+bits, and with one-step batches a cell equals `train-interpreter` with steps [t], blocks [b],
+model_num = --members and the same seed exactly (share_noise experiments; without it the noise draws differ).
+"""
+
+import argparse
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
+
+from .backbones import create_feature_extractor
+from .backbones.ddpm import DDPMFeatureExtractor
+from .config import check_paths, load_experiment
+from .data import load_labelled_folder
+from .ensemble import MLPEnsemble, predict_logits, train_ensemble
+from .evaluate import ConfusionMatrix, majority_vote
+from .feature_store import FeatureStore, PixelSampler
+from .train_interpreter import AUTOCAST, STORE_DTYPES, extract_training_store, resolve_model_flags
+from .utils import atomic_path, resolve_device, seed_everything
+from .visualize import heatmap
+
+CSV_COLUMNS = ("step", "block", "channels", "resolution", "miou")
+# Heat-map layout in pixels: a title line, a header row of block labels, a left column of step labels.
+CELL_W, CELL_H = 48, 24
+LEFT, TITLE_H, HEADER_H = 72, 18, 18
+BACKGROUND, INK, GRID = (255, 255, 255), (0, 0, 0), (160, 160, 160)
+
+
+def parse_index_list(text: str, flag: str) -> list:
+    """'0-3,7,9' -> [0, 1, 2, 3, 7, 9] (ranges inclusive, order kept, no duplicates)."""
+    values = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"{flag}: {part!r} is not a non-negative integer or a range like 0-17 (in {text!r})")
+        if sep and int(hi) < int(lo):
+            raise ValueError(f"{flag}: range {part!r} runs backwards (in {text!r})")
+        values += range(int(lo), int(hi) + 1) if sep else [int(lo)]
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{flag}: {repeated} listed more than once (in {text!r})")
+    return values
+
+
+def single_map_store(store, k):
+    """A RAM FeatureStore holding only map k of `store`: the store train-interpreter builds for that one map."""
+    sub = FeatureStore([store.map_shapes[k]], store.image_size, store.num_images, dtype=store.dtype)
+    for i in range(store.num_images):
+        sub.put(i, [store.maps(i)[k]])
+    return sub
+
+
+def run_sweep(cfg, exp_path, model_flags, args):
+    """Train and score one interpreter per (step, block) of the lists args.steps x args.blocks.
+
+    args carries the sweep flags (steps, blocks, members, max_epochs, seed, device, out, store, store_dtype,
+    autocast). Returns one dict per cell, step-major: step, block, channels, resolution (h, w), miou.
+    """
+    if cfg["model_type"] != "ddpm":
+        raise ValueError(f"{exp_path}: a sweep runs over DDPM steps and blocks; model_type is {cfg['model_type']!r}")
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    check_paths(cfg, ["training_path", "testing_path", "model_path"], exp_path)
+    steps, blocks = args.steps, args.blocks
+    # Built with every step and block so that out-of-range ones fail here, before anything is written.
+    base = create_feature_extractor(dict(cfg, steps=steps, blocks=blocks), model_flags, device, seed=args.seed)
+    extractors = {t: DDPMFeatureExtractor(base.model, base.diffusion, [t], blocks, base.input_activations, base.noise)
+                  for t in steps}
+    size = tuple(cfg["dim"][:2])
+    train_items = load_labelled_folder(cfg["training_path"], cfg["training_number"], size,
+                                       cfg["number_class"], cfg["ignore_label"], drop_small=True)
+    test_items = load_labelled_folder(cfg["testing_path"], cfg["testing_number"], size,
+                                      cfg["number_class"], cfg["ignore_label"])
+    labels = torch.from_numpy(np.stack([it.label for it in train_items]))
+    sampler = PixelSampler(labels, ignore_label=cfg["ignore_label"])
+    limits = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
+
+    # Steps one after the other, so only one step's training features are held at a time.
+    cells, ensembles = [], {}
+    bar = tqdm(total=len(steps) * len(blocks), desc="sweep cells")
+    for t in steps:
+        store_root = os.path.join(args.out, "features", f"step_{t}")
+        first_maps = extractors[t](train_items[0].image)
+        store = extract_training_store(extractors[t], train_items, first_maps, args, store_root)
+        for k, b in enumerate(blocks):
+            channels, h, w = store.map_shapes[k]
+            cell_store = single_map_store(store, k)
+            ensemble = MLPEnsemble(channels, cfg["number_class"], args.members, seed=args.seed).to(device)
+            train_ensemble(ensemble, cell_store if device.type == "cpu" else cell_store.to(device), sampler,
+                           seed=args.seed, batch_size=cfg["batch_size"], device=device,
+                           autocast_dtype=AUTOCAST[args.autocast], progress=False, **limits)
+            ensembles[t, b] = ensemble
+            cells.append({"step": t, "block": b, "channels": channels, "resolution": (h, w)})
+            bar.update(1)
+        del store
+        shutil.rmtree(store_root, ignore_errors=True)
+    bar.close()
+
+    matrices = {key: ConfusionMatrix(cfg["number_class"], cfg["ignore_label"]) for key in ensembles}
+    for item in tqdm(test_items, desc="evaluate cells"):
+        for t in steps:
+            maps = extractors[t](item.image)
+            for k, b in enumerate(blocks):
+                logits = predict_logits(ensembles[t, b], [maps[k]], item.label.shape)
+                matrices[t, b].update(majority_vote(logits).cpu(), item.label)
+    for cell in cells:
+        cell["miou"] = matrices[cell["step"], cell["block"]].miou()
+    shutil.rmtree(os.path.join(args.out, "features"), ignore_errors=True)
+    return cells
+
+
+def miou_grid(cells, steps, blocks) -> np.ndarray:
+    """mIoU [len(steps), len(blocks)] from the cell dicts."""
+    by_key = {(c["step"], c["block"]): c["miou"] for c in cells}
+    return np.array([[by_key[t, b] for b in blocks] for t in steps])
+
+
+def format_table(cells, steps, blocks) -> str:
+    grid = 100 * miou_grid(cells, steps, blocks)
+    lines = ["mIoU %  " + "".join(f"{'b' + str(b):>8}" for b in blocks)]
+    lines += [f"{'t=' + str(t):<8}" + "".join(f"{v:8.2f}" for v in row) for t, row in zip(steps, grid)]
+    return "\n".join(lines)
+
+
+def best_cell(cells):
+    return max(cells, key=lambda c: c["miou"])
+
+
+def write_csv(path, cells) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(",".join(CSV_COLUMNS) + "\n")
+            for c in cells:
+                h, w = c["resolution"]
+                # repr round-trips the float, so the file holds the exact mIoU.
+                f.write(f"{c['step']},{c['block']},{c['channels']},{h}x{w},{c['miou']!r}\n")
+
+
+def cell_origin(i, j):
+    """Top-left pixel of the heat-map cell of step row i, block column j."""
+    return LEFT + j * CELL_W, TITLE_H + HEADER_H + i * CELL_H
+
+
+def _centred(draw, box, text, font, fill):
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x0, y0, x1, y1 = box
+    draw.text((x0 + (x1 - x0 - (right - left)) // 2 - left, y0 + (y1 - y0 - (bottom - top)) // 2 - top),
+              text, fill=fill, font=font)
+
+
+def heatmap_picture(cells, steps, blocks) -> Image.Image:
+    """Steps as rows, blocks as columns; each cell coloured by its mIoU and labelled with it in %."""
+    grid = miou_grid(cells, steps, blocks)
+    # Stretched from the worst cell (black) to the best (white): the differences are what the sweep is for,
+    # and every cell carries its number anyway.
+    colours = heatmap(grid - grid.min())
+    font = ImageFont.load_default()
+    title = f"mIoU % per diffusion step (rows) and UNet block (columns); black {100 * grid.min():.1f} -> " \
+            f"white {100 * grid.max():.1f}"
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_w = probe.textbbox((0, 0), title, font=font)[2] + 8
+    width = max(LEFT + len(blocks) * CELL_W, title_w)
+    canvas = Image.new("RGB", (width, TITLE_H + HEADER_H + len(steps) * CELL_H), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 3), title, fill=INK, font=font)
+    _centred(draw, (0, TITLE_H, LEFT, TITLE_H + HEADER_H), "step \\ block", font, INK)
+    for j, b in enumerate(blocks):
+        x, _ = cell_origin(0, j)
+        _centred(draw, (x, TITLE_H, x + CELL_W, TITLE_H + HEADER_H), str(b), font, INK)
+    for i, t in enumerate(steps):
+        _, y = cell_origin(i, 0)
+        _centred(draw, (0, y, LEFT, y + CELL_H), f"t={t}", font, INK)
+        for j in range(len(blocks)):
+            x, y = cell_origin(i, j)
+            colour = tuple(int(v) for v in colours[i, j])
+            draw.rectangle((x, y, x + CELL_W - 1, y + CELL_H - 1), fill=colour, outline=GRID)
+            # Dark text on the bright end of the ramp, light text on the dark end.
+            luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+            _centred(draw, (x, y, x + CELL_W, y + CELL_H), f"{100 * grid[i, j]:.1f}", font,
+                     INK if luminance > 128 else BACKGROUND)
+    return canvas
+
+
+def save_heatmap(path, cells, steps, blocks) -> None:
+    with atomic_path(path) as tmp:
+        heatmap_picture(cells, steps, blocks).save(tmp, format="PNG")
+
+
+def add_args(parser):
+    parser.add_argument("--exp", required=True, help="experiment config of a DDPM, e.g. experiments/demo/ddpm.json")
+    parser.add_argument("--steps", default=None, help="diffusion steps, e.g. 50,150,250 (default: the config's)")
+    parser.add_argument("--blocks", default=None, help="UNet output blocks, e.g. 0-17 or 5,6,8-12 (default: the config's)")
+    parser.add_argument("--members", type=int, default=1, help="ensemble members per cell")
+    parser.add_argument("--max_epochs", type=int, default=None,
+                        help="cap on each member's epochs (default: train-interpreter's; cells then match it)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    parser.add_argument("--out", default=None, help="output folder (default <exp_dir>/sweep)")
+    parser.add_argument("--store", choices=["auto", "ram", "disk"], default="auto",
+                        help="where one step's training features live (as train-interpreter)")
+    parser.add_argument("--store_dtype", choices=sorted(STORE_DTYPES), default="float16")
+    parser.add_argument("--autocast", choices=sorted(AUTOCAST), default="bf16")
+    add_dict_to_argparser(parser, model_and_diffusion_defaults())
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="ddpm-seg sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser)
+    args = parser.parse_args(argv)
+    if args.members < 1:
+        raise ValueError(f"--members must be >= 1, got {args.members}")
+    if args.max_epochs is not None and args.max_epochs < 1:
+        raise ValueError(f"--max_epochs must be >= 1, got {args.max_epochs}")
+    cfg = load_experiment(args.exp)
+    args.steps = parse_index_list(args.steps, "--steps") if args.steps else cfg["steps"]
+    args.blocks = parse_index_list(args.blocks, "--blocks") if args.blocks else cfg["blocks"]
+    args.out = args.out or os.path.join(cfg["exp_dir"], "sweep")
+    flags = resolve_model_flags(cfg, args, argv)
+
+    start = time.time()
+    cells = run_sweep(cfg, args.exp, flags, args)
+    elapsed = time.time() - start
+    csv_path, png_path = os.path.join(args.out, "sweep.csv"), os.path.join(args.out, "sweep.png")
+    write_csv(csv_path, cells)
+    save_heatmap(png_path, cells, args.steps, args.blocks)
+    print(format_table(cells, args.steps, args.blocks))
+    best = best_cell(cells)
+    print(f"best: step {best['step']}, block {best['block']} ({best['channels']} channels at "
+          f"{best['resolution'][0]}x{best['resolution'][1]}): mIoU {100 * best['miou']:.2f}")
+    print(f"{len(cells)} cells in {elapsed:.0f} s; wrote {csv_path} and {png_path}")
