@@ -17,7 +17,6 @@ import shutil
 import time
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
@@ -26,11 +25,11 @@ from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffus
 from .backbones import create_feature_extractor
 from .backbones.ddpm import DDPMFeatureExtractor
 from .config import check_paths, load_experiment
-from .data import load_labelled_folder
 from .ensemble import MLPEnsemble, predict_logits, train_ensemble
 from .evaluate import ConfusionMatrix, majority_vote
-from .feature_store import FeatureStore, PixelSampler
-from .train_interpreter import AUTOCAST, STORE_DTYPES, extract_training_store, resolve_model_flags
+from .feature_store import FeatureStore
+from .train_interpreter import (AUTOCAST, STORE_DTYPES, extract_training_store, load_split, resolve_model_flags,
+                                training_sampler)
 from .utils import atomic_path, resolve_device, seed_everything
 from .visualize import heatmap
 
@@ -81,13 +80,8 @@ def run_sweep(cfg, exp_path, model_flags, args):
     base = create_feature_extractor(dict(cfg, steps=steps, blocks=blocks), model_flags, device, seed=args.seed)
     extractors = {t: DDPMFeatureExtractor(base.model, base.diffusion, [t], blocks, base.input_activations, base.noise)
                   for t in steps}
-    size = tuple(cfg["dim"][:2])
-    train_items = load_labelled_folder(cfg["training_path"], cfg["training_number"], size,
-                                       cfg["number_class"], cfg["ignore_label"], drop_small=True)
-    test_items = load_labelled_folder(cfg["testing_path"], cfg["testing_number"], size,
-                                      cfg["number_class"], cfg["ignore_label"])
-    labels = torch.from_numpy(np.stack([it.label for it in train_items]))
-    sampler = PixelSampler(labels, ignore_label=cfg["ignore_label"])
+    train_items, test_items = load_split(cfg, "train"), load_split(cfg, "test")
+    sampler = training_sampler(cfg, train_items)
     limits = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
 
     # Steps one after the other, so only one step's training features are held at a time.

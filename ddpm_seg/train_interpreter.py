@@ -111,6 +111,18 @@ def extract_training_store(extractor, items, first_maps, args, store_root):
     return store
 
 
+def load_split(cfg, split):
+    """The first N labelled images of the "train" or "test" folder, resized to dim[:2]; training labels get
+    the paper's small-class rule."""
+    key = {"train": "training", "test": "testing"}[split]
+    return load_labelled_folder(cfg[f"{key}_path"], cfg[f"{key}_number"], tuple(cfg["dim"][:2]),
+                                cfg["number_class"], cfg["ignore_label"], drop_small=split == "train")
+
+
+def training_sampler(cfg, items):
+    return PixelSampler(torch.from_numpy(np.stack([it.label for it in items])), ignore_label=cfg["ignore_label"])
+
+
 def member_path(folder, m):
     return os.path.join(folder, f"model_{m}.pth")
 
@@ -152,17 +164,14 @@ def run(cfg, exp_path, model_flags, args):
 
     # Everything that can fail on bad input (config, labels, feature size) happens before the first write.
     extractor = create_feature_extractor(cfg, model_flags, device, seed=args.seed, random_init=args.random_init)
-    size = tuple(cfg["dim"][:2])
-    test_items = load_labelled_folder(cfg["testing_path"], cfg["testing_number"], size,
-                                      cfg["number_class"], cfg["ignore_label"])
+    test_items = load_split(cfg, "test")
     todo = [m for m in range(cfg["model_num"]) if not os.path.exists(member_path(folder, m))]
     if args.eval_only and todo:
         raise FileNotFoundError(f"--eval_only: {folder} lacks {[os.path.basename(member_path(folder, m)) for m in todo]}")
     ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=args.seed).to(device)
     timings = {}
     if todo:
-        train_items = load_labelled_folder(cfg["training_path"], cfg["training_number"], size,
-                                           cfg["number_class"], cfg["ignore_label"], drop_small=True)
+        train_items = load_split(cfg, "train")
         first_maps = extractor(train_items[0].image)
         check_feature_size(cfg, first_maps, exp_path)
         os.makedirs(folder, exist_ok=True)
@@ -173,8 +182,7 @@ def run(cfg, exp_path, model_flags, args):
         store_root = os.path.join(folder, "features")
         store = extract_training_store(extractor, train_items, first_maps, args, store_root)
         timings["extract_train_s"] = time.time() - start
-        labels = torch.from_numpy(np.stack([it.label for it in train_items]))
-        sampler = PixelSampler(labels, ignore_label=cfg["ignore_label"])
+        sampler = training_sampler(cfg, train_items)
         print(f"{len(train_items)} training images, {len(sampler)} labelled pixels, {store.num_features} features "
               f"per pixel, store {store.nbytes / 2**30:.2f} GiB ({'disk' if store.root else 'RAM'}); "
               f"training members {todo}")
