@@ -3,26 +3,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddpm_seg.bench import OriginalClassifier  # the original pixel_classifier layout
 from ddpm_seg.ensemble import MLPEnsemble, member_seed, predict_logits, train_ensemble
 from ddpm_seg.feature_store import FeatureStore, PixelSampler
 
 DIM, CLASSES, MEMBERS = 12, 3, 3
-
-
-class OriginalClassifier(nn.Module):
-    """The paper code's `pixel_classifier`, built the way the original builds it."""
-
-    def __init__(self, num_classes, dim):
-        super().__init__()
-        h1, h2 = (256, 128) if num_classes >= 30 else (128, 32)
-        self.layers = nn.Sequential(
-            nn.Linear(dim, h1), nn.ReLU(), nn.BatchNorm1d(h1),
-            nn.Linear(h1, h2), nn.ReLU(), nn.BatchNorm1d(h2),
-            nn.Linear(h2, num_classes),
-        )
-
-    def forward(self, x):
-        return self.layers(x)
 
 
 def randomise(ensemble, seed=0):
@@ -41,7 +26,7 @@ def randomise(ensemble, seed=0):
 
 
 def original_from_member(ensemble, m):
-    net = nn.DataParallel(OriginalClassifier(ensemble.num_classes, ensemble.dim))
+    net = nn.DataParallel(OriginalClassifier(ensemble.dim, ensemble.num_classes))
     net.load_state_dict(ensemble.member_state_dict(m), strict=True)
     return net
 
@@ -95,7 +80,7 @@ def test_original_format_round_trip_and_compatibility(tmp_path):
     ens.save_member(str(ours_path), 1)
 
     # The original code loads our file strictly and predicts the same.
-    theirs = nn.DataParallel(OriginalClassifier(CLASSES, DIM))
+    theirs = nn.DataParallel(OriginalClassifier(DIM, CLASSES))
     theirs.load_state_dict(torch.load(ours_path, weights_only=True)["model_state_dict"], strict=True)
     theirs.eval()
     expected = ens(x.expand(MEMBERS, -1, -1))[1]
@@ -108,7 +93,7 @@ def test_original_format_round_trip_and_compatibility(tmp_path):
     assert torch.allclose(other(x.expand(2, -1, -1))[0], expected, atol=1e-6)
 
     # And the other direction: a file written by the original code.
-    orig = nn.DataParallel(OriginalClassifier(CLASSES, DIM))
+    orig = nn.DataParallel(OriginalClassifier(DIM, CLASSES))
     with torch.no_grad():
         for p in orig.parameters():
             p.normal_(0, 0.3)
@@ -200,7 +185,7 @@ def test_member_trained_in_ensemble_matches_member_trained_alone():
 
     for m in (0, 2):
         # The original loop: one nn.Sequential, its own Adam, the member's own pixel stream.
-        net = nn.DataParallel(OriginalClassifier(CLASSES, DIM).double())
+        net = nn.DataParallel(OriginalClassifier(DIM, CLASSES).double())
         net.load_state_dict(initial[m], strict=True)
         net.train()
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)
