@@ -67,18 +67,6 @@ def blend(table, rows, weights):
     return out
 
 
-def sample_bilinear(src, img, ys, xs, out_size):
-    """Rows [P, C] of the bilinear upsampling of `src` to `out_size`, at pixels (img, ys, xs).
-
-    src: [N, h, w, C] channels-last maps (any float dtype); img, ys, xs: LongTensor [P] on src's device.
-    Equals F.interpolate(src.permute(0, 3, 1, 2), out_size, mode="bilinear", align_corners=False)
-    [img, :, ys, xs], computed in float32 without materialising the upsampled maps.
-    """
-    n, h, w, c = src.shape
-    rows, weights = bilinear_taps(h, w, img, ys, xs, out_size)
-    return blend(src.reshape(n * h * w, c), rows, weights)
-
-
 class FeatureStore:
     """Activation maps of `num_images` images, at native resolution, in RAM or memory-mapped under `root`.
 
