@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 
@@ -9,6 +10,9 @@ sys.path.insert(0, ROOT)
 # The facts the checkpoint-compatibility tests compare against live beside the repo (../shared/reference).
 REFERENCE_DIR = os.path.join(os.path.dirname(ROOT), "shared", "reference")
 
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from scenes import write_splits  # noqa: E402
+
 # One intra-op thread: the tests use small tensors, and OpenMP threads that spin on a busy 2-core
 # machine make small ops up to 10x slower.
 torch.set_num_threads(1)
@@ -19,3 +23,31 @@ def reference_dir():
     if not os.path.isdir(REFERENCE_DIR):
         pytest.fail(f"reference facts not found at {REFERENCE_DIR} (expected ../shared/reference beside the repo)")
     return REFERENCE_DIR
+
+
+# The tiny end-to-end experiment shared by the train-interpreter and sweep tests: a small random UNet saved
+# with its model_flags.json, and generated labelled images (see scenes.py).
+TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16", num_head_channels=16,
+            learn_sigma=True, diffusion_steps=100)
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    write_splits(tmp_path / "data", {"train": 4, "test": 3}, size=32, bar=4)
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **TINY})
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save(model.state_dict(), ckpt / "ema.pt")
+    (ckpt / "model_flags.json").write_text(json.dumps(TINY))
+    cfg = {
+        "exp_dir": str(tmp_path / "runs"), "model_type": "ddpm", "category": "tiny", "number_class": 3,
+        "ignore_label": 255, "training_path": str(tmp_path / "data/train"),
+        "testing_path": str(tmp_path / "data/test"), "model_path": str(ckpt / "ema.pt"),
+        "dim": [32, 32, 256], "steps": [10, 30], "blocks": [2, 5], "model_num": 3, "batch_size": 64,
+        "training_number": 4, "testing_number": 3, "upsample_mode": "bilinear", "share_noise": True,
+        "input_activations": False,
+    }
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    return path, cfg

@@ -1,4 +1,4 @@
-"""`ddpm-seg sweep` on the tiny experiment of test_train_interpreter: cells equal separate single runs."""
+"""`ddpm-seg sweep` on the tiny experiment of conftest.py: cells equal separate single runs."""
 
 import csv
 import json
@@ -11,7 +11,6 @@ from PIL import Image
 from ddpm_seg.cli import main as cli_main
 from ddpm_seg.sweep import CELL_H, CELL_W, cell_origin, heatmap_picture, parse_index_list
 from ddpm_seg.visualize import heatmap
-from test_train_interpreter import experiment  # noqa: F401  (the fixture: tiny UNet checkpoint + labelled images)
 
 
 def _read_csv(path):
@@ -19,7 +18,7 @@ def _read_csv(path):
         return {(int(r["step"]), int(r["block"])): r for r in csv.DictReader(f)}
 
 
-def test_cells_equal_single_train_interpreter_runs(experiment, tmp_path):  # noqa: F811
+def test_cells_equal_single_train_interpreter_runs(experiment, tmp_path):
     path, cfg = experiment
     out = tmp_path / "sweep"
     cli_main(["sweep", "--exp", str(path), "--device", "cpu", "--steps", "10,30", "--blocks", "2,5",
@@ -75,7 +74,7 @@ def test_parse_index_list():
         parse_index_list("50,a", "--steps")
 
 
-def test_bad_blocks_and_backbones_fail_before_writing(experiment, tmp_path):  # noqa: F811
+def test_bad_blocks_and_backbones_fail_before_writing(experiment, tmp_path):
     path, cfg = experiment
     out = tmp_path / "sweep"
     with pytest.raises(ValueError, match=r"blocks \[8, 9\] out of range: this UNet has output blocks 0..7"):

@@ -9,35 +9,7 @@ import torch
 from PIL import Image
 
 from ddpm_seg.cli import main as cli_main
-from scenes import write_splits
 from ddpm_seg.ensemble import MLPEnsemble
-from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-
-TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16", num_head_channels=16,
-            learn_sigma=True, diffusion_steps=100)
-
-
-@pytest.fixture
-def experiment(tmp_path):
-    write_splits(tmp_path / "data", {"train": 4, "test": 3}, size=32, bar=4)
-    torch.manual_seed(0)
-    model, _ = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **TINY})
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    torch.save(model.state_dict(), ckpt / "ema.pt")
-    (ckpt / "model_flags.json").write_text(json.dumps(TINY))
-    cfg = {
-        "exp_dir": str(tmp_path / "runs"), "model_type": "ddpm", "category": "tiny", "number_class": 3,
-        "ignore_label": 255, "training_path": str(tmp_path / "data/train"),
-        "testing_path": str(tmp_path / "data/test"), "model_path": str(ckpt / "ema.pt"),
-        "dim": [32, 32, 256], "steps": [10, 30], "blocks": [2, 5], "model_num": 3, "batch_size": 64,
-        "training_number": 4, "testing_number": 3, "upsample_mode": "bilinear", "share_noise": True,
-        "input_activations": False,
-    }
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(cfg))
-    return path, cfg
-
 
 def _run(path, *extra):
     cli_main(["train-interpreter", "--exp", str(path), "--device", "cpu", *extra])
