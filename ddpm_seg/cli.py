@@ -32,10 +32,22 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
-    args, rest = parser.parse_known_args(argv[:1])
+    args = parser.parse_args(argv[:1])
     module = importlib.import_module(f"ddpm_seg.{COMMANDS[args.command][0]}")
-    return module.main(argv[1:] + rest) or 0
+    return module.main(argv[1:]) or 0
+
+
+def entry():
+    """The console script: a bad input (file, key, value, checkpoint) is one line on stderr, not a traceback."""
+    from guided_diffusion.checkpoint import CheckpointError
+
+    try:
+        return main()
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        command = sys.argv[1] if len(sys.argv) > 1 else ""
+        print(f"ddpm-seg {command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

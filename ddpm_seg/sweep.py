@@ -30,7 +30,7 @@ from .evaluate import ConfusionMatrix, majority_vote
 from .feature_store import FeatureStore
 from .train_interpreter import (AUTOCAST, STORE_DTYPES, extract_training_store, load_split, resolve_model_flags,
                                 training_sampler)
-from .utils import atomic_path, resolve_device, seed_everything
+from .utils import atomic_path, check_settings, resolve_device, seed_everything
 from .visualize import heatmap
 
 CSV_COLUMNS = ("step", "block", "channels", "resolution", "miou")
@@ -83,6 +83,12 @@ def run_sweep(cfg, exp_path, model_flags, args):
     train_items, test_items = load_split(cfg, "train"), load_split(cfg, "test")
     sampler = training_sampler(cfg, train_items)
     limits = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
+
+    # A disk feature cache left by an interrupted sweep is only reused for the same model, data and blocks.
+    os.makedirs(os.path.join(args.out, "features"), exist_ok=True)
+    check_settings(os.path.join(args.out, "features", "settings.json"),
+                   {"config": cfg, "model_flags": model_flags, "steps": steps, "blocks": blocks,
+                    "seed": args.seed, "store_dtype": args.store_dtype}, write=True)
 
     # Steps one after the other, so only one step's training features are held at a time.
     cells, ensembles = [], {}

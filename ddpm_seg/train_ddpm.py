@@ -210,8 +210,9 @@ def _resolve_options(args):
         raise ValueError("class_cond=True needs class labels, which train-ddpm does not read; use class_cond=False")
     if opts.precision not in ("fp32", "bf16"):
         raise ValueError(f"--precision must be fp32 or bf16, got {opts.precision!r}")
-    if opts.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {opts.batch_size}")
+    for name in ("batch_size", "log_interval", "save_interval"):
+        if getattr(opts, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(opts, name)}")
     return opts
 
 

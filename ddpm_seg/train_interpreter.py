@@ -23,7 +23,7 @@ from .data import load_labelled_folder
 from .ensemble import MLPEnsemble, predict_logits, train_ensemble
 from .evaluate import ConfusionMatrix, format_iou_table, image_uncertainty_score, majority_vote, uncertainty_map
 from .feature_store import FeatureStore, PixelSampler
-from .utils import atomic_save_npy, atomic_write_json, resolve_device, seed_everything
+from .utils import atomic_save_npy, atomic_write_json, check_settings, resolve_device, seed_everything
 from .visualize import save_prediction_picture
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
@@ -175,6 +175,10 @@ def run(cfg, exp_path, model_flags, args):
         first_maps = extractor(train_items[0].image)
         check_feature_size(cfg, first_maps, exp_path)
         os.makedirs(folder, exist_ok=True)
+        # Members and the feature cache are only resumed with the settings that made them.
+        check_settings(os.path.join(folder, "settings.json"),
+                       {"config": cfg, "model_flags": model_flags, "random_init": args.random_init,
+                        "store_dtype": args.store_dtype, "autocast": args.autocast}, write=True)
         atomic_write_json(os.path.join(folder, os.path.basename(exp_path)), cfg)
         atomic_write_json(os.path.join(folder, "model_flags.json"), model_flags)
 
@@ -187,7 +191,9 @@ def run(cfg, exp_path, model_flags, args):
               f"per pixel, store {store.nbytes / 2**30:.2f} GiB ({'disk' if store.root else 'RAM'}); "
               f"training members {todo}")
         start = time.time()
-        train_ensemble(ensemble, store if device.type == "cpu" else store.to(device), sampler, seed=args.seed,
+        # A RAM store goes to the GPU whole for fast gathers; a disk store was chosen because it does not fit.
+        on_device = store if device.type == "cpu" or store.root else store.to(device)
+        train_ensemble(ensemble, on_device, sampler, seed=args.seed,
                        batch_size=cfg["batch_size"], members=todo, device=device,
                        autocast_dtype=AUTOCAST[args.autocast],
                        on_member_done=lambda m: ensemble.save_member(member_path(folder, m), m))
@@ -208,7 +214,8 @@ def run(cfg, exp_path, model_flags, args):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="ddpm-seg train-interpreter", description=__doc__,
+    # No abbreviated flags: explicit_flags() must see exactly which model flags were typed.
+    parser = argparse.ArgumentParser(prog="ddpm-seg train-interpreter", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(parser)
     args = parser.parse_args(argv)

@@ -39,6 +39,10 @@ def atomic_path(path: str):
     os.close(fd)
     try:
         yield tmp
+        # mkstemp makes the file owner-only; give the result the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -94,3 +94,25 @@ def test_seeds_and_eval_only(experiment, capsys):
     assert os.path.getmtime(os.path.join(base, "seed_0", "model_0.pth")) == before
     with pytest.raises(FileNotFoundError, match=r"--eval_only: .*elsewhere lacks \['model_0.pth', 'model_1.pth', 'model_2.pth'\]"):
         _run(path, "--eval_only", "--run_dir", os.path.join(base, "elsewhere"))
+
+
+def test_console_script_reports_bad_input_in_one_line(experiment, tmp_path):
+    import subprocess
+    import sys
+
+    path, cfg = experiment
+    path.write_text(json.dumps(dict(cfg, stepz=[1])))
+    result = subprocess.run([sys.executable, "-m", "ddpm_seg.cli", "train-interpreter", "--exp", str(path)],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 2
+    assert result.stderr.startswith("ddpm-seg train-interpreter: error: ") and "unknown key(s) ['stepz']" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_refuses_other_settings(experiment):
+    path, cfg = experiment
+    _run(path, "--no_pictures")
+    path.write_text(json.dumps(dict(cfg, training_number=3)))
+    os.remove(os.path.join(cfg["exp_dir"], "10_30_2_5", "seed_0", "model_1.pth"))
+    with pytest.raises(ValueError, match=r"settings.json: the files beside it were made with other settings"):
+        _run(path, "--no_pictures")

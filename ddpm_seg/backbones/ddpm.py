@@ -73,7 +73,8 @@ def shared_noise(seed: int, image_size, device) -> torch.Tensor:
 
 @register("ddpm")
 def build_ddpm(cfg, model_flags, device, seed, random_init):
-    flags = {**model_and_diffusion_defaults(), **model_flags, "image_size": cfg["dim"][0]}
+    # Features come from the full noising process whatever respacing a sampler may use.
+    flags = {**model_and_diffusion_defaults(), **model_flags, "image_size": cfg["dim"][0], "timestep_respacing": ""}
     if random_init:
         torch.manual_seed(seed)
         model, diffusion = create_model_and_diffusion(**flags)
