@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from guided_diffusion.checkpoint import safe_load
+from guided_diffusion.checkpoint import mismatch_report, safe_load
 
 from .utils import atomic_torch_save
 
@@ -152,18 +152,10 @@ class MLPEnsemble(nn.Module):
         """Load member m from an original-format state dict (keys with or without `module.`)."""
         ours = {k.removeprefix("module."): v for k, v in self.member_state_dict(m).items()}
         theirs = {k.removeprefix("module."): v for k, v in sd.items()}
-        missing = sorted(set(ours) - set(theirs))
-        unexpected = sorted(set(theirs) - set(ours))
-        wrong = [
-            f"{k}: {tuple(theirs[k].shape)} (expected {tuple(ours[k].shape)})"
-            for k in sorted(set(ours) & set(theirs))
-            if tuple(theirs[k].shape) != tuple(ours[k].shape)
-        ]
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"{source}: not a pixel classifier for dim={self.dim}, num_classes={self.num_classes}: "
-                f"missing keys {missing}, unexpected keys {unexpected}, wrong shapes {wrong}"
-            )
+        report = mismatch_report(ours, theirs)
+        if report:
+            raise ValueError(f"{source}: not a pixel classifier for dim={self.dim}, "
+                             f"num_classes={self.num_classes}:\n{report}")
         with torch.no_grad():
             for name, index in OFFICIAL_LAYERS.items():
                 for key, target in getattr(self, name).member_state(m).items():
@@ -226,7 +218,7 @@ def train_ensemble(
         raise ValueError(f"store image size {store.image_size} differs from label size {sampler.image_size}")
     used = sampler.labels[sampler.valid]
     if used.min() < 0 or used.max() >= ensemble.num_classes:
-        raise ValueError(f"labels must lie in [0, {ensemble.num_classes}) or be ignored, found {used.min()}..{used.max()}")
+        raise ValueError(f"labels must lie in [0, {ensemble.num_classes}) or be ignored, found {used.min().item()}..{used.max().item()}")
 
     streams = {m: sampler.stream(member_seed(seed, m), batch_size) for m in members}
     stats = {m: {"steps": 0, "epoch": 0, "best_loss": 10000000.0} for m in members}  # original starts at 1e7

@@ -50,7 +50,7 @@ def read_state_dict(path: str, what: str = "DDPM checkpoint", key: str = None) -
             isinstance(v, torch.Tensor) for v in state_dict.values()):
         found = f"keys {sorted(obj)[:5]}" if isinstance(obj, dict) else type(obj).__name__
         expected = "a state_dict of tensors" if key is None else f"{{{key!r}: state_dict of tensors}}"
-        raise CheckpointError(f"{what} {path!r} is not a {what} file: expected {expected}, found {found}")
+        raise CheckpointError(f"{what} {path!r} is not usable: expected {expected}, found {found}")
     return state_dict
 
 
@@ -104,27 +104,34 @@ def _flag_hints(expected: dict, found: dict) -> list:
     return hints
 
 
+def mismatch_report(expected: dict, found: dict) -> str:
+    """The missing, unexpected and wrong-shape keys of state_dict `found` against `expected`, as indented
+    listings ('' when they match)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong_shape = [
+        f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and tuple(found[k].shape) != tuple(v.shape)
+    ]
+
+    def listing(title, items):
+        shown = "\n    ".join(items[:10]) + (f"\n    ... and {len(items) - 10} more" if len(items) > 10 else "")
+        return f"  {title} ({len(items)}):\n    {shown}" if items else ""
+
+    parts = [listing("missing keys", missing), listing("unexpected keys", unexpected),
+             listing("shape mismatches", wrong_shape)]
+    return "\n".join(p for p in parts if p)
+
+
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str, hints=_flag_hints) -> None:
     """load_state_dict(strict=True), but a mismatch lists the keys and shapes and, with `hints` (a function of
     the expected and found state_dicts; the UNet's flag guesses by default, None for other models), the cause."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or wrong_shape:
-
-        def listing(title, items):
-            shown = "\n    ".join(items[:10]) + (f"\n    ... and {len(items) - 10} more" if len(items) > 10 else "")
-            return f"  {title} ({len(items)}):\n    {shown}" if items else ""
-
-        parts = [listing("missing keys", missing), listing("unexpected keys", unexpected),
-                 listing("shape mismatches", wrong_shape)]
+    report = mismatch_report(expected, state_dict)
+    if report:
         causes = hints(expected, state_dict) if hints else []
-        message = f"{source!r} does not match the model it is loaded into:\n" + "\n".join(p for p in parts if p)
+        message = f"{source!r} does not match the model it is loaded into:\n" + report
         if causes:
             message += "\n  probable cause:\n    " + "\n    ".join(causes)
         raise CheckpointError(message)

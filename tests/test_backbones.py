@@ -287,7 +287,7 @@ def test_wrong_or_truncated_files_fail_clearly(released, model_type, wanted, tmp
     path, model = released[model_type]
     flat = tmp_path / "flat.pth"
     torch.save(model.state_dict(), flat)  # a bare state_dict, not the released format
-    with pytest.raises(CheckpointError, match=rf"flat.pth' is not an? .* file: expected {{{wanted}: state_dict"):
+    with pytest.raises(CheckpointError, match=rf"flat.pth' is not usable: expected {{{wanted}: state_dict"):
         build(config(model_type, flat))
     truncated = tmp_path / "truncated.pth"
     data = path.read_bytes()

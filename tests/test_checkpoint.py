@@ -86,7 +86,7 @@ def test_truncated_and_foreign_files(tmp_path):
             load_ddpm(str(bad), TINY)
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"model": torch.load(good, weights_only=True), "step": 3}, wrapped)
-    with pytest.raises(CheckpointError, match="wrapped.pt.* is not a DDPM checkpoint file: expected a state_dict of tensors"):
+    with pytest.raises(CheckpointError, match="wrapped.pt.* is not usable: expected a state_dict of tensors"):
         load_ddpm(str(wrapped), TINY)
 
 
