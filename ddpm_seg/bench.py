@@ -36,7 +36,7 @@ from tqdm import tqdm
 from .ensemble import MLPEnsemble, hidden_sizes, member_seed, predict_logits, train_ensemble
 from .evaluate import ConfusionMatrix, majority_vote
 from .feature_store import FeatureStore, PixelSampler
-from .utils import atomic_write_json
+from .utils import atomic_write_json, derive_seed
 
 # The paper's DDPM features per diffusion step, (channels, resolution) of the decoder blocks it reads
 # (5, 6, 7, 8, 12 of the 256x256 guided-diffusion UNet), at 3 steps: 8448 features per pixel.
@@ -99,7 +99,7 @@ class SyntheticTask:
 
     def maps(self, index):
         """Image `index`'s maps, as an extractor hands them over: float32 [C, h, w] in feature order."""
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0]))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, index))
         latent_size = [max(1, s // self.latent_stride) for s in self.image_size]
         latent = torch.randn(1, self.rank, *latent_size, generator=gen)
         out = []

@@ -8,7 +8,6 @@ once with bmm, each on its own pixel batch. Members save to and load from the or
 checkpoint format (`model_{i}.pth` holding a DataParallel state dict).
 """
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,7 +15,7 @@ from tqdm import tqdm
 
 from guided_diffusion.checkpoint import mismatch_report, safe_load
 
-from .utils import atomic_torch_save
+from .utils import atomic_torch_save, derive_seed
 
 # Our layer name -> index of the same layer in the original nn.Sequential (`module.layers.<i>`).
 OFFICIAL_LAYERS = {"fc1": 0, "bn1": 2, "fc2": 3, "bn2": 5, "fc3": 6}
@@ -28,7 +27,7 @@ def hidden_sizes(num_classes):
 
 def member_seed(seed, m):
     """Seed of member m: depends only on (seed, m), so a member is the same however many are trained."""
-    return int(np.random.SeedSequence([seed, m]).generate_state(1)[0])
+    return derive_seed(seed, m)
 
 
 class BatchedLinear(nn.Module):

@@ -42,7 +42,7 @@ from .config import check_paths, load_experiment, run_dir
 from .ensemble import MLPEnsemble, predict_logits
 from .evaluate import image_uncertainty_score, majority_vote, uncertainty_map
 from .train_interpreter import member_path, resolve_model_flags
-from .utils import atomic_path, check_settings, setup_distributed
+from .utils import atomic_path, check_settings, derive_seed, setup_distributed
 
 INDEX_NAME = "index.json"
 
@@ -67,7 +67,7 @@ def add_args(parser):
 
 def sample_seed(seed: int, index: int, stream: int = 0) -> int:
     """Seed of sample `index`'s random stream (0: sampling noise, 1: feature noise): a function of its arguments alone."""
-    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1)[0])
+    return derive_seed(seed, index, stream)
 
 
 def sampling_diffusion(flags: dict):

@@ -45,7 +45,7 @@ from guided_diffusion.script_util import (
 )
 
 from .data import list_images, read_image
-from .utils import atomic_torch_save, atomic_write_json, seed_everything, setup_distributed
+from .utils import atomic_torch_save, atomic_write_json, derive_seed, seed_everything, setup_distributed
 
 LOG_FILENAME = "train_log.jsonl"
 
@@ -141,7 +141,7 @@ class ShardedBatchSampler(Sampler):
 
 def step_generator(seed, rank, step):
     """A CPU generator for one step's timesteps, noise and flips, independent of all other steps."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(derive_seed(seed, rank, step))
 
 
 def parse_resume_step(path):

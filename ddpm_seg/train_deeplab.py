@@ -43,7 +43,7 @@ from .data import list_images, load_labelled_folder, resize_image, resize_label
 from .evaluate import ConfusionMatrix, format_iou_table
 from .generate_dataset import output_path
 from .train_interpreter import class_table
-from .utils import atomic_torch_save, atomic_write_json, check_settings, seed_everything, setup_distributed
+from .utils import atomic_torch_save, atomic_write_json, check_settings, derive_seed, seed_everything, setup_distributed
 
 DEEPLABS = {"resnet101": deeplabv3_resnet101, "resnet50": deeplabv3_resnet50}
 SETTINGS_NAME = "settings.json"
@@ -178,7 +178,7 @@ def deeplab_dir(cfg, args) -> str:
 
 
 def epoch_seed(seed, epoch, rank):
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    return derive_seed(seed, epoch, rank)
 
 
 def check_options(cfg, exp_path, args):

@@ -22,6 +22,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed that depends only on `keys` (e.g. run seed and member, sample or step index), so a piece
+    of work is reproducible whatever order or process it runs in."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
