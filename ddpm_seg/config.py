@@ -1,7 +1,8 @@
 """Experiment configs: the original ddpm-segmentation JSON files, loaded unchanged and validated."""
 
-import json
 import os
+
+from .utils import read_json_object
 
 # key -> (expected type, required). The original files carry a few keys the code never reads
 # (max_training, validation_path, category); they are accepted so those files load unchanged.
@@ -71,14 +72,7 @@ def validate_experiment(cfg: dict, path: str = "<config>") -> dict:
 def load_experiment(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"experiment config {path!r} does not exist (expected experiments/<dataset>/<method>.json)")
-    with open(path) as f:
-        try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object of experiment settings")
-    return validate_experiment(cfg, path)
+    return validate_experiment(read_json_object(path, "experiment settings"), path)
 
 
 def experiment_suffix(cfg: dict) -> str:

@@ -8,11 +8,10 @@ Writes <out>.md and <out>.csv.
 
 import argparse
 import csv
-import json
 import os
 import statistics
 
-from .utils import atomic_path
+from .utils import atomic_path, read_json_object
 
 # The paper's column order and headers; datasets it does not have (e.g. demo) follow, sorted.
 PAPER_DATASETS = {
@@ -46,8 +45,7 @@ def collect_runs(root: str) -> list:
         parts = os.path.relpath(folder, root).split(os.sep)
         if len(parts) < 3:
             raise ValueError(f"{path}: expected <root>/<dataset>/<method>[/<steps_blocks>]/seed_<N>/metrics.json")
-        with open(path) as f:
-            metrics = json.load(f)
+        metrics = read_json_object(path, "run metrics")
         _check_metrics(path, metrics)
         # config: the method folder and any steps/blocks folder, which tell configurations of one method apart
         runs.append(dict(metrics, dataset=parts[0], config="/".join(parts[1:-1]), path=path))

@@ -67,6 +67,18 @@ def atomic_save_npy(path: str, array: np.ndarray) -> None:
             np.save(f, array)
 
 
+def read_json_object(path: str, what: str) -> dict:
+    """A JSON file that must hold an object; bad JSON or another type is an error naming the file."""
+    with open(path) as f:
+        try:
+            obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object of {what}, found {type(obj).__name__}")
+    return obj
+
+
 def atomic_write_json(path: str, obj) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:

@@ -148,7 +148,12 @@ def read_model_flags(checkpoint_path: str):
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        flags = json.load(f)
+        try:
+            flags = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(flags, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of model flags")
     unknown = sorted(set(flags) - set(model_and_diffusion_defaults()))
     if unknown:
         raise CheckpointError(f"{path}: unknown model flags {unknown}")

@@ -114,3 +114,14 @@ def test_model_flags_beside_checkpoint(tmp_path):
     (tmp_path / "model_flags.json").write_text(json.dumps({**TINY, "num_chanels": 3}))
     with pytest.raises(CheckpointError, match=r"unknown model flags \['num_chanels'\]"):
         read_model_flags(str(path))
+
+
+def test_bad_model_flags_file_names_it(tmp_path):
+    path = tmp_path / "ema.pt"
+    _save_tiny(str(path))
+    (tmp_path / "model_flags.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match=r"model_flags.json: not valid JSON"):
+        read_model_flags(str(path))
+    (tmp_path / "model_flags.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"model_flags.json: expected a JSON object of model flags"):
+        read_model_flags(str(path))
