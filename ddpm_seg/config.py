@@ -30,6 +30,7 @@ EXPERIMENT_KEYS = {
     "deeplab_res": (int, False),
     # Ours, for datasets outside the paper's six (their names come from the packaged class table).
     "class_names": (list, False),
+    "palette": (list, False),  # flat [r0, g0, b0, r1, ...], one colour per class
 }
 
 
@@ -64,6 +65,10 @@ def validate_experiment(cfg: dict, path: str = "<config>") -> dict:
     names = cfg.get("class_names")
     if names is not None and (len(names) != cfg["number_class"] or not all(isinstance(n, str) for n in names)):
         raise ValueError(f"{path}: 'class_names' must list {cfg['number_class']} names (number_class), got {names!r}")
+    palette = cfg.get("palette")
+    if palette is not None and (len(palette) != 3 * cfg["number_class"]
+                                or not all(isinstance(v, int) and 0 <= v <= 255 for v in palette)):
+        raise ValueError(f"{path}: 'palette' must hold 3 x number_class = {3 * cfg['number_class']} values in 0..255")
     if cfg["upsample_mode"] != "bilinear":
         raise ValueError(f"{path}: upsample_mode {cfg['upsample_mode']!r} is not supported; use 'bilinear'")
     return cfg

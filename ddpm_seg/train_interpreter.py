@@ -74,7 +74,8 @@ def class_table(cfg):
         info = dataset_info(category)
         return info["class_names"], info["palette"]
     names = cfg.get("class_names") or default_class_names(cfg["number_class"])
-    return names, default_palette(cfg["number_class"])
+    palette = cfg.get("palette")
+    return names, (np.array(palette, dtype=np.uint8).reshape(-1, 3) if palette else default_palette(cfg["number_class"]))
 
 
 def available_memory_bytes():

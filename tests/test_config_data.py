@@ -150,3 +150,6 @@ def test_class_names_for_own_datasets():
     assert validate_experiment(cfg)["class_names"] == ["sky", "sea"]
     with pytest.raises(ValueError, match="'class_names' must list 3 names"):
         validate_experiment(dict(cfg, number_class=3), "x.json")
+    assert validate_experiment(dict(cfg, palette=[0, 0, 0, 255, 255, 255]))["palette"][3] == 255
+    with pytest.raises(ValueError, match=r"'palette' must hold 3 x number_class = 6 values in 0..255"):
+        validate_experiment(dict(cfg, palette=[0, 0, 0, 256, 0, 0]), "x.json")

@@ -5,12 +5,13 @@ import os
 
 from ddpm_seg.config import load_experiment
 from ddpm_seg.demo import DEMO_EXPERIMENT, main
-from ddpm_seg.demo_data import DEMO_CLASS_NAMES
+from ddpm_seg.demo_data import DEMO_CLASS_NAMES, DEMO_PALETTE
 
 
 def test_demo_experiment_config_is_consistent():
     cfg = load_experiment(DEMO_EXPERIMENT)
     assert cfg["class_names"] == DEMO_CLASS_NAMES and cfg["number_class"] == len(DEMO_CLASS_NAMES)
+    assert cfg["palette"] == DEMO_PALETTE
 
 
 def test_small_demo_runs_end_to_end(tmp_path):
