@@ -27,7 +27,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from guided_diffusion.script_util import (
@@ -42,7 +41,7 @@ from .config import check_paths, load_experiment, run_dir
 from .ensemble import MLPEnsemble, predict_logits
 from .evaluate import image_uncertainty_score, majority_vote, uncertainty_map
 from .train_interpreter import member_path, resolve_model_flags
-from .utils import atomic_path, check_settings, derive_seed, setup_distributed
+from .utils import atomic_path, check_settings, derive_seed, distributed
 
 INDEX_NAME = "index.json"
 
@@ -197,12 +196,8 @@ def generate_dataset(args, argv=()):
     opts = {k: getattr(args, k) for k in sampling_defaults()}
     check_options(cfg, args.exp, opts)
     check_paths(cfg, ["model_path"], args.exp)
-    rank, world_size, device, initialised_here = setup_distributed(args.device)
-    try:
+    with distributed(args.device) as (rank, world_size, device):
         return _run(cfg, args, flags, opts, rank, world_size, device)
-    finally:
-        if initialised_here:
-            dist.destroy_process_group()
 
 
 def _run(cfg, args, flags, opts, rank, world_size, device):

@@ -45,7 +45,7 @@ from guided_diffusion.script_util import (
 )
 
 from .data import list_images, read_image
-from .utils import atomic_torch_save, atomic_write_json, derive_seed, seed_everything, setup_distributed
+from .utils import atomic_torch_save, atomic_write_json, derive_seed, seed_everything, distributed
 
 LOG_FILENAME = "train_log.jsonl"
 
@@ -270,12 +270,8 @@ def train_ddpm(args):
     ema ({rate: path}), and log (path of the JSON-lines loss log).
     """
     opts = _resolve_options(args)
-    rank, world_size, device, initialised_here = setup_distributed(opts.device)
-    try:
+    with distributed(opts.device) as (rank, world_size, device):
         return _run(opts, rank, world_size, device)
-    finally:
-        if initialised_here:
-            dist.destroy_process_group()
 
 
 def _run(opts, rank, world_size, device):

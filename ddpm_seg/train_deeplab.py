@@ -43,7 +43,7 @@ from .data import list_images, load_labelled_folder, resize_image, resize_label
 from .evaluate import ConfusionMatrix, format_iou_table
 from .generate_dataset import output_path
 from .train_interpreter import class_table
-from .utils import atomic_torch_save, atomic_write_json, check_settings, derive_seed, seed_everything, setup_distributed
+from .utils import atomic_torch_save, atomic_write_json, check_settings, derive_seed, seed_everything, distributed
 
 DEEPLABS = {"resnet101": deeplabv3_resnet101, "resnet50": deeplabv3_resnet50}
 SETTINGS_NAME = "settings.json"
@@ -198,12 +198,8 @@ def train_deeplab(args) -> dict:
     cfg = load_experiment(args.exp)
     check_options(cfg, args.exp, args)
     check_paths(cfg, ["validation_path", "testing_path"], args.exp)
-    rank, world_size, device, initialised_here = setup_distributed(args.device)
-    try:
+    with distributed(args.device) as (rank, world_size, device):
         return _run(cfg, args, rank, world_size, device)
-    finally:
-        if initialised_here:
-            dist.destroy_process_group()
 
 
 def _run(cfg, args, rank, world_size, device):

@@ -86,19 +86,27 @@ def atomic_write_json(path: str, obj) -> None:
             f.write("\n")
 
 
-def setup_distributed(device_name):
-    """(rank, world_size, device, initialised_here) from torchrun's environment; single process without it."""
+@contextlib.contextmanager
+def distributed(device_name):
+    """Yield (rank, world_size, device) from torchrun's environment, or (0, 1, device) without it.
+
+    Under torchrun the process group (NCCL on CUDA, gloo on CPU) is created here and destroyed on exit."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
     if world_size == 1:
-        return 0, 1, device, False
+        yield 0, 1, device
+        return
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     initialised_here = not dist.is_initialized()
     if initialised_here:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device, initialised_here
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        if initialised_here:
+            dist.destroy_process_group()
 
 
 def check_settings(path: str, settings: dict, write: bool) -> None:
