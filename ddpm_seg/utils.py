@@ -12,14 +12,21 @@ import torch.distributed as dist
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """Turn --device auto|cpu|cuda[:i] into a torch.device, with a clear error when CUDA is asked for but absent."""
+    """Turn --device auto|cpu|cuda[:i] into a torch.device, with a clear error for a device this machine lacks."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was requested but this machine has no CUDA device; use --device cpu or auto")
-    if name not in ("cpu",) and not name.startswith("cuda"):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu or cuda[:index], got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda[:index], got {name!r}")
-    return torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"--device {name} was requested but this machine has {count} CUDA device(s); "
+                             "use --device cpu or auto")
+    return device
 
 
 def derive_seed(*keys: int) -> int:

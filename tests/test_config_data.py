@@ -153,3 +153,17 @@ def test_class_names_for_own_datasets():
     assert validate_experiment(dict(cfg, palette=[0, 0, 0, 255, 255, 255]))["palette"][3] == 255
     with pytest.raises(ValueError, match=r"'palette' must hold 3 x number_class = 6 values in 0..255"):
         validate_experiment(dict(cfg, palette=[0, 0, 0, 256, 0, 0]), "x.json")
+
+
+def test_device_names():
+    import torch
+
+    from ddpm_seg.utils import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    for bad in ("gpu", "cudax"):
+        with pytest.raises(ValueError, match="--device must be auto, cpu or cuda"):
+            resolve_device(bad)
+    with pytest.raises(ValueError, match=r"--device cuda:7 was requested but this machine has \d+ CUDA device"):
+        resolve_device("cuda:7")
