@@ -19,8 +19,9 @@ from guided_diffusion.script_util import model_and_diffusion_defaults
 from .config import load_experiment, run_dir
 from .demo_data import generate_demo_dataset
 from .train_ddpm import train_ddpm, train_ddpm_defaults
+from .train_interpreter import add_args as add_interpreter_args
 from .train_interpreter import run as run_interpreter
-from .utils import atomic_write_json
+from .utils import atomic_path, atomic_write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_EXPERIMENT = os.path.join(REPO, "experiments", "demo", "ddpm.json")
@@ -47,8 +48,8 @@ def ensure_ddpm(cfg, flags, training, data_dir, seed, device):
     print(f"training the demo DDPM ({training['max_steps']} steps) on {data_dir} -> {out_dir}")
     result = train_ddpm(opts)
     # The final EMA under a fixed name (beside model_flags.json) is what the experiment config points at.
-    shutil.copyfile(next(iter(result["ema"].values())), model_path + ".tmp")
-    os.replace(model_path + ".tmp", model_path)
+    with atomic_path(model_path) as tmp:
+        shutil.copyfile(next(iter(result["ema"].values())), tmp)
 
 
 def baseline_configs(cfg, backbones):
@@ -93,8 +94,11 @@ def main(argv=None):
                 args.device)
     ddpm_done = time.time()
 
-    interpreter_args = argparse.Namespace(seed=args.seed, device=args.device, store="ram", store_dtype="float16",
-                                          autocast="bf16", run_dir=None, no_pictures=False, eval_only=False)
+    # train-interpreter's own defaults, so the demo runs it exactly as the command line would.
+    interpreter_parser = argparse.ArgumentParser()
+    add_interpreter_args(interpreter_parser)
+    interpreter_args = interpreter_parser.parse_args(
+        ["--exp", DEMO_EXPERIMENT, "--seed", str(args.seed), "--device", args.device, "--store", "ram"])
     runs = {"DDPM (trained here)": (cfg, False)}
     runs["DDPM at random init"] = (cfg, True)
     for name, baseline in baseline_configs(cfg, backbones).items():

@@ -10,14 +10,13 @@ row of C values: a gather is one row lookup per map.
 """
 
 import copy
-import json
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils import atomic_write_json
+from .utils import atomic_write_json, read_json_object
 
 META_FILE = "meta.json"
 LAYOUT = "NHWC"
@@ -109,10 +108,9 @@ class FeatureStore:
         path = os.path.join(root, META_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no feature store at {root}: {path} is missing")
-        with open(path) as f:
-            meta = json.load(f)
+        meta = read_json_object(path, "feature-store metadata")
         expected = {"layout", "dtype", "map_shapes", "image_size", "num_images", "complete"}
-        if not isinstance(meta, dict) or set(meta) != expected:
+        if set(meta) != expected:
             raise ValueError(f"{path}: expected keys {sorted(expected)}")
         if meta["layout"] != LAYOUT or meta["dtype"] not in _DTYPE_BY_NAME:
             raise ValueError(f"{path}: unsupported layout {meta['layout']!r} or dtype {meta['dtype']!r}")

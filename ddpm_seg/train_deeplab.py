@@ -40,9 +40,9 @@ from guided_diffusion.checkpoint import load_state_dict_strict, safe_load
 from .backbones import image_tensor
 from .config import check_paths, experiment_suffix, load_experiment, run_dir
 from .data import list_images, load_labelled_folder, resize_image, resize_label
-from .evaluate import ConfusionMatrix, format_iou_table
+from .evaluate import ConfusionMatrix
 from .generate_dataset import output_path
-from .train_interpreter import class_table
+from .train_interpreter import iou_metrics
 from .utils import atomic_torch_save, atomic_write_json, check_settings, derive_seed, seed_everything, distributed
 
 DEEPLABS = {"resnet101": deeplabv3_resnet101, "resnet50": deeplabv3_resnet50}
@@ -282,12 +282,8 @@ def _run(cfg, args, rank, world_size, device):
 
     model.load_state_dict(safe_load(best_path, "DeepLab checkpoint")["model_state_dict"])
     matrix = evaluate_deeplab(model, test_items, num_classes, ignore, args.eval_batch_size)
-    class_names, _ = class_table(cfg)
-    ious, miou = matrix.iou(), matrix.miou()
-    print(format_iou_table(ious, class_names, miou, ignore_label=ignore))
     metrics = {
-        "miou": miou,
-        "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, ious)},
+        **iou_metrics(matrix, cfg),
         "val_miou": state["best_val_miou"],
         "best_epoch": state["best_epoch"],
         "val_history": state["val_history"],
@@ -302,7 +298,7 @@ def _run(cfg, args, rank, world_size, device):
         "num_test_images": len(test_items),
     }
     atomic_write_json(os.path.join(folder, "metrics.json"), metrics)
-    print(f"test mIoU {100 * miou:.2f} at epoch {state['best_epoch']} (validation {100 * state['best_val_miou']:.2f})"
+    print(f"test mIoU {100 * metrics['miou']:.2f} at epoch {state['best_epoch']} (validation {100 * state['best_val_miou']:.2f})"
           f"  ({folder})")
     return metrics
 

@@ -78,6 +78,14 @@ def class_table(cfg):
     return names, (np.array(palette, dtype=np.uint8).reshape(-1, 3) if palette else default_palette(cfg["number_class"]))
 
 
+def iou_metrics(matrix, cfg):
+    """Print the per-class IoU table with the dataset's class names; return {"miou", "iou": {name: IoU}}."""
+    class_names, _ = class_table(cfg)
+    ious, miou = matrix.iou(), matrix.miou()
+    print(format_iou_table(ious, class_names, miou, ignore_label=cfg["ignore_label"]))
+    return {"miou": miou, "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, ious)}}
+
+
 def available_memory_bytes():
     try:
         with open("/proc/meminfo") as f:
@@ -129,7 +137,7 @@ def member_path(folder, m):
 
 
 def evaluate(extractor, ensemble, items, cfg, folder, pictures=True):
-    class_names, palette = class_table(cfg)
+    _, palette = class_table(cfg)
     matrix = ConfusionMatrix(cfg["number_class"], cfg["ignore_label"])
     scores = []
     root = os.path.commonpath([os.path.dirname(it.path) for it in items])
@@ -144,12 +152,8 @@ def evaluate(extractor, ensemble, items, cfg, folder, pictures=True):
             save_prediction_picture(os.path.join(folder, "predictions", stem + ".png"), item.image, item.label,
                                     pred.numpy(), unc.numpy(), palette, cfg["ignore_label"],
                                     scale=max(1, 128 // min(item.label.shape)))
-    ious = matrix.iou()
-    miou = matrix.miou()
-    print(format_iou_table(ious, class_names, miou, ignore_label=cfg["ignore_label"]))
     return {
-        "miou": miou,
-        "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, ious)},
+        **iou_metrics(matrix, cfg),
         "mean_uncertainty": float(np.mean(scores)),
         "uncertainty_scores": scores,
         "num_test_images": len(items),

@@ -120,8 +120,7 @@ def check_settings(path: str, settings: dict, write: bool) -> None:
     """Refuse to resume work saved with other settings (listed in the JSON file `path`); write the file
     (rank 0) when there is none yet."""
     if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
+        saved = read_json_object(path, "settings")
         differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if differ:
             raise ValueError(f"{path}: the files beside it were made with other settings "
