@@ -4,11 +4,15 @@ Phases, each approach in its own fresh process so that its peak RSS (ru_maxrss, 
 down) is its own:
   store    extraction-to-store: ours puts native-resolution float16 maps into a FeatureStore; the
            original upsamples every map to full resolution in float32 and builds one [N*H*W, D] tensor.
-  train    ours trains all members at once (train_ensemble) over the store of N images; the original
-           trains nn.Sequential members one after another from a shuffled DataLoader over that tensor.
+  train    ours trains all members at once (train_ensemble, --batch pixels per member, bf16 matmuls)
+           over the store of N images; the original trains nn.Sequential members one after another
+           from a shuffled DataLoader over that tensor, batch 64, float32.
   predict  one image, all members, majority vote: predict_logits (first Linear at native resolution)
            against every member on the [H*W, D] full-resolution features.
-  quality  both learn the same synthetic task for the same steps per member; mIoU on held-out images.
+  quality  both learn the same synthetic task from the same initial members, each member seeing the
+           same number of pixels (--quality-epochs passes over the training pixels), each with its
+           own batch size; mIoU on held-out images. This is what makes the train speed ratio a ratio
+           at equal mIoU: both approaches get equally far through the data, ours in less time.
 
 Activations are synthetic (deterministic random maps at the chosen layout), so no checkpoint is
 needed. The original needs about 2.2 GB per 256x256 image at the paper's layout, so it runs at a
@@ -17,6 +21,7 @@ host memory and CPU time. Linux only (reads /proc and ru_maxrss in KiB).
 """
 
 import argparse
+import math
 import multiprocessing
 import os
 import resource
@@ -48,7 +53,7 @@ SMALL_CHANNELS, SMALL_SCALE = 16, 4
 
 PHASES = ("store", "train", "predict", "quality")
 IGNORE_LABEL = 255
-BATCH_SIZE = 64  # the paper's batch per member
+PAPER_BATCH = 64  # the paper's (and the original's) batch per member
 HELD_OUT = 1_000_000  # images from this index on are never trained on
 PREDICT_FIT_STEPS = 30  # the predict phase's members are trained a little so their votes mean something
 WARMUP_STEPS = 3  # untimed steps first, so one-off kernel setup is not billed to either approach
@@ -199,7 +204,7 @@ def original_training_set(task, indices, progress=True):
 def train_original_member(net, X, y, steps, seed):
     """The original training loop for one member, cut at `steps` steps: shuffled DataLoader batches of
     64, Adam lr 1e-3, float32, with the per-step loss.item() of its stopping rule."""
-    loader = DataLoader(TensorDataset(X, y), batch_size=BATCH_SIZE, shuffle=True,
+    loader = DataLoader(TensorDataset(X, y), batch_size=PAPER_BATCH, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss()
@@ -231,10 +236,11 @@ def predict_original(nets, maps, image_size):
 # ---- ours ----
 
 
-def build_store(task, indices, kind="ram", root=None, progress=True):
-    """FeatureStore (float16) and teacher labels [N, H, W] of images `indices`, and the seconds spent
+def build_store(task, indices, kind="ram", root=None, progress=True, dtype=torch.float16):
+    """FeatureStore and teacher labels [N, H, W] of images `indices`, and the seconds spent
     putting maps into the store (making the synthetic maps and labels not counted)."""
-    store = FeatureStore(task.map_shapes, task.image_size, len(indices), root=root if kind == "disk" else None)
+    store = FeatureStore(task.map_shapes, task.image_size, len(indices), dtype=dtype,
+                         root=root if kind == "disk" else None)
     labels = torch.empty(len(indices), *task.image_size, dtype=torch.long)
     make_s = 0.0
     start = time.perf_counter()
@@ -247,11 +253,11 @@ def build_store(task, indices, kind="ram", root=None, progress=True):
     return store, labels, time.perf_counter() - start - make_s
 
 
-def fit_ensemble(ensemble, store, labels, steps, seed, autocast_dtype):
-    """train_ensemble for exactly `steps` steps per member; returns the seconds it took."""
+def fit_ensemble(ensemble, store, labels, steps, args):
+    """train_ensemble for exactly `steps` steps per member of --batch pixels; returns the seconds it took."""
     start = time.perf_counter()
-    train_ensemble(ensemble, store, FixedStepSampler(labels, steps), seed=seed, batch_size=BATCH_SIZE,
-                   max_epochs=1, autocast_dtype=autocast_dtype, progress=False)
+    train_ensemble(ensemble, store, FixedStepSampler(labels, steps), seed=args.seed, batch_size=args.batch,
+                   max_epochs=1, matmul_dtype=None if args.fp32 else torch.bfloat16, progress=False)
     return time.perf_counter() - start
 
 
@@ -289,17 +295,19 @@ def _task(args):
     return SyntheticTask(map_shapes, image_size, args.classes, seed=args.seed)
 
 
-def _autocast(args):
-    return None if args.fp32 else torch.bfloat16
+def _store_dtype(args):
+    # With bf16 matmuls the features are rounded to bfloat16 before use anyway: store them so.
+    return torch.float16 if args.fp32 else torch.bfloat16
 
 
 def _scratch_store(args, task, indices):
     """build_store per --store; a disk store lives in a temporary folder, removed right after."""
     if args.store == "ram":
-        return build_store(task, indices, progress=not args.quiet)
+        return build_store(task, indices, progress=not args.quiet, dtype=_store_dtype(args))
     root = tempfile.mkdtemp(prefix="ddpm-seg-bench-")
     try:
-        return build_store(task, indices, "disk", root=os.path.join(root, "store"), progress=not args.quiet)
+        return build_store(task, indices, "disk", root=os.path.join(root, "store"), progress=not args.quiet,
+                           dtype=_store_dtype(args))
     finally:
         shutil.rmtree(root, ignore_errors=True)  # the open memmaps stay valid after their files are unlinked
 
@@ -317,12 +325,18 @@ def job_store_original(args):
 def job_train_ours(args):
     task = _task(args)
     store, labels, _ = _scratch_store(args, task, range(args.n))
-    fit_ensemble(MLPEnsemble(task.dim, args.classes, args.members, seed=args.seed + 1), store, labels,
-                 WARMUP_STEPS, args.seed, _autocast(args))
     ensemble = MLPEnsemble(task.dim, args.classes, args.members, seed=args.seed)
-    seconds = fit_ensemble(ensemble, store, labels, args.train_steps, args.seed, _autocast(args))
-    pixels = args.members * BATCH_SIZE * args.train_steps
-    return {"n": args.n, "time_s": seconds, "pixels_per_s": pixels / seconds}
+    fit_ensemble(ensemble, store, labels, WARMUP_STEPS, args)
+    seconds = fit_ensemble(ensemble, store, labels, args.train_steps, args)
+    # Each call starts every member's stream with a shuffle of all N images' labelled pixels, which a real
+    # run does once per epoch (every ~3200 steps at N=50, batch 1024): timed alone and taken out.
+    sampler = FixedStepSampler(labels, args.train_steps)
+    start = time.perf_counter()
+    for m in range(args.members):
+        next(sampler.stream(member_seed(args.seed, m), args.batch))
+    setup = time.perf_counter() - start
+    pixels = args.members * args.batch * args.train_steps
+    return {"n": args.n, "time_s": seconds - setup, "stream_setup_s": setup, "pixels_per_s": pixels / (seconds - setup)}
 
 
 def job_train_original(args):
@@ -334,7 +348,7 @@ def job_train_original(args):
     for m in tqdm(range(args.members), desc="original: members one by one", disable=args.quiet):
         train_original_member(original_member(init, m), X, y, args.train_steps, member_seed(args.seed, m))
     seconds = time.perf_counter() - start
-    pixels = args.members * BATCH_SIZE * args.train_steps
+    pixels = args.members * PAPER_BATCH * args.train_steps
     return {"n": args.orig_n, "time_s": seconds, "pixels_per_s": pixels / seconds}
 
 
@@ -351,9 +365,9 @@ def job_predict_ours(args):
     """Train a small ensemble briefly (untimed), then time predict_logits + majority_vote on a held-out
     image. Returns the ensemble's weights too, for the original to predict with the same members."""
     task = _task(args)
-    store, labels, _ = build_store(task, range(1), progress=False)
+    store, labels, _ = build_store(task, range(1), progress=False, dtype=_store_dtype(args))
     ensemble = MLPEnsemble(task.dim, args.classes, args.members, seed=args.seed)
-    fit_ensemble(ensemble, store, labels, PREDICT_FIT_STEPS, args.seed, _autocast(args))
+    fit_ensemble(ensemble, store, labels, PREDICT_FIT_STEPS, args)
     maps = task.maps(HELD_OUT)
     result = _timed_runs(args.predict_runs, lambda: majority_vote(predict_logits(ensemble, maps, task.image_size)))
     # numpy, not tensors: tensors would travel through shared memory of a process that is exiting.
@@ -371,19 +385,22 @@ def job_predict_original(args, weights):
 
 
 def job_quality(args):
-    """Both approaches from the same initial members, the same steps per member, on quality_n images;
-    mIoU of each ensemble's majority vote on quality_test held-out images, and of random guessing."""
+    """Both approaches from the same initial members, each member trained on quality_epochs x the labelled
+    pixels of quality_n images (ours in batches of --batch, the original in batches of 64); mIoU of each
+    ensemble's majority vote on quality_test held-out images, and of random guessing."""
     task = _task(args)
     train_images = range(args.quality_n)
     ensemble = MLPEnsemble(task.dim, args.classes, args.members, seed=args.seed)
     nets = [original_member(ensemble, m) for m in range(args.members)]  # copies of the initial weights
 
-    store, labels, _ = build_store(task, train_images, progress=not args.quiet)
-    fit_ensemble(ensemble, store, labels, args.quality_steps, args.seed, _autocast(args))
+    store, labels, _ = build_store(task, train_images, progress=not args.quiet, dtype=_store_dtype(args))
+    pixels = round(args.quality_epochs * int((labels != IGNORE_LABEL).sum()))
+    steps = {"ours": math.ceil(pixels / args.batch), "original": math.ceil(pixels / PAPER_BATCH)}
+    fit_ensemble(ensemble, store, labels, steps["ours"], args)
     del store
     X, y, _ = original_training_set(task, train_images, progress=not args.quiet)
     for m, net in enumerate(tqdm(nets, desc="original: members one by one", disable=args.quiet)):
-        train_original_member(net, X, y, args.quality_steps, member_seed(args.seed, m))
+        train_original_member(net, X, y, steps["original"], member_seed(args.seed, m))
     del X, y
 
     scores = {name: ConfusionMatrix(args.classes, IGNORE_LABEL) for name in ("ours", "original", "chance")}
@@ -394,7 +411,8 @@ def job_quality(args):
         scores["ours"].update(majority_vote(predict_logits(ensemble, maps, task.image_size)), target)
         scores["original"].update(predict_original(nets, maps, task.image_size), target)
         scores["chance"].update(torch.randint(args.classes, target.shape, generator=gen), target)
-    return {f"miou_{name}": matrix.miou() for name, matrix in scores.items()}
+    return {**{f"miou_{name}": matrix.miou() for name, matrix in scores.items()},
+            "pixels_per_member": pixels, "steps_per_member": steps}
 
 
 # ---- the run ----
@@ -446,8 +464,8 @@ def run_bench(args):
         ours, orig = run_isolated(job_train_ours, args), original_at_n(run_isolated(job_train_original, args))
         speedup = ours["pixels_per_s"] / orig["pixels_per_s"]
         results["train"] = {"ours": ours, "original": orig, "speedup": speedup}
-        say(f"train ({args.members} members x {args.train_steps} steps x batch {BATCH_SIZE}, "
-            f"{'fp32' if args.fp32 else 'bf16 autocast'} vs fp32): ours {ours['pixels_per_s']:.0f} px/s "
+        say(f"train ({args.members} members x {args.train_steps} steps; ours batch {args.batch}, "
+            f"{'fp32' if args.fp32 else 'bf16 matmuls'}; original batch {PAPER_BATCH}, fp32): ours {ours['pixels_per_s']:.0f} px/s "
             f"({ours['time_s']:.2f} s), peak RSS {ours['peak_rss'] / GB:.2f} GB at N={args.n} | original "
             f"{orig['pixels_per_s']:.0f} px/s ({orig['time_s']:.2f} s), peak RSS {orig['peak_rss'] / GB:.2f} GB "
             f"at N={args.orig_n}, computed {orig['peak_rss_computed'] / GB:.1f} GB at N={args.n} | "
@@ -469,7 +487,8 @@ def run_bench(args):
         q["gap_points"] = 100 * abs(q["miou_ours"] - q["miou_original"])
         results["quality"] = q
         say(f"quality ({args.quality_n} train / {args.quality_test} held-out images, {args.classes} classes, "
-            f"{args.quality_steps} steps per member): mIoU ours {100 * q['miou_ours']:.2f}, original "
+            f"{q['pixels_per_member']} pixels per member = {q['steps_per_member']['ours']} steps of {args.batch} "
+            f"(ours), {q['steps_per_member']['original']} of {PAPER_BATCH} (original)): mIoU ours {100 * q['miou_ours']:.2f}, original "
             f"{100 * q['miou_original']:.2f}, chance {100 * q['miou_chance']:.2f}; gap {q['gap_points']:.2f} points")
 
     results["targets"] = check_targets(results)
@@ -552,6 +571,13 @@ def positive_int(text):
     return value
 
 
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def phase_list(text):
     phases = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in phases if p not in PHASES]
@@ -571,12 +597,17 @@ def build_parser():
     parser.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="torch threads per phase")
     parser.add_argument("--phases", type=phase_list, default=list(PHASES), help=",".join(PHASES))
     parser.add_argument("--store", choices=["ram", "disk"], default="ram", help="where our store keeps its maps")
-    parser.add_argument("--fp32", action="store_true", help="train our ensemble in float32 instead of bf16 autocast")
+    parser.add_argument("--batch", type=positive_int, default=1024,
+                        help="our pixels per member per step, Adam lr 1e-3 * sqrt(batch / 64) (the original keeps "
+                             "the paper's 64 and 1e-3)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="our first-layer matmuls in float32 (float16 store) instead of bfloat16 (bfloat16 store)")
     parser.add_argument("--classes", type=positive_int, default=10, help="classes of the synthetic task")
     parser.add_argument("--predict-runs", type=positive_int, default=3, help="timed predictions (median reported)")
     parser.add_argument("--quality-n", type=positive_int, default=2, help="training images of the quality check")
     parser.add_argument("--quality-test", type=positive_int, default=2, help="held-out images of the quality check")
-    parser.add_argument("--quality-steps", type=positive_int, default=300, help="steps per member in the quality check")
+    parser.add_argument("--quality-epochs", type=positive_float, default=1.0,
+                        help="passes over the training pixels per member in the quality check")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="a tiny layout (64x64 images, 1/16 of the channels)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or phase lines, only the table")

@@ -28,8 +28,8 @@ from .config import check_paths, load_experiment
 from .ensemble import MLPEnsemble, predict_logits, train_ensemble
 from .evaluate import ConfusionMatrix, majority_vote
 from .feature_store import FeatureStore
-from .train_interpreter import (AUTOCAST, STORE_DTYPES, extract_training_store, load_split, resolve_model_flags,
-                                training_sampler)
+from .train_interpreter import (AUTOCAST, add_precision_args, extract_training_store, load_split, resolve_model_flags,
+                                store_dtype_name, training_sampler)
 from .utils import atomic_path, check_settings, resolve_device, seed_everything
 from .visualize import heatmap
 
@@ -88,7 +88,7 @@ def run_sweep(cfg, exp_path, model_flags, args):
     os.makedirs(os.path.join(args.out, "features"), exist_ok=True)
     check_settings(os.path.join(args.out, "features", "settings.json"),
                    {"config": cfg, "model_flags": model_flags, "steps": steps, "blocks": blocks,
-                    "seed": args.seed, "store_dtype": args.store_dtype}, write=True)
+                    "seed": args.seed, "store_dtype": store_dtype_name(args)}, write=True)
 
     # Steps one after the other, so only one step's training features are held at a time.
     cells, ensembles = [], {}
@@ -103,7 +103,7 @@ def run_sweep(cfg, exp_path, model_flags, args):
             ensemble = MLPEnsemble(channels, cfg["number_class"], args.members, seed=args.seed).to(device)
             train_ensemble(ensemble, cell_store if device.type == "cpu" else cell_store.to(device), sampler,
                            seed=args.seed, batch_size=cfg["batch_size"], device=device,
-                           autocast_dtype=AUTOCAST[args.autocast], progress=False, **limits)
+                           matmul_dtype=AUTOCAST[args.autocast], progress=False, **limits)
             ensembles[t, b] = ensemble
             cells.append({"step": t, "block": b, "channels": channels, "resolution": (h, w)})
             bar.update(1)
@@ -213,8 +213,7 @@ def add_args(parser):
     parser.add_argument("--out", default=None, help="output folder (default <exp_dir>/sweep)")
     parser.add_argument("--store", choices=["auto", "ram", "disk"], default="auto",
                         help="where one step's training features live (as train-interpreter)")
-    parser.add_argument("--store_dtype", choices=sorted(STORE_DTYPES), default="float16")
-    parser.add_argument("--autocast", choices=sorted(AUTOCAST), default="bf16")
+    add_precision_args(parser)
     add_dict_to_argparser(parser, model_and_diffusion_defaults())
 
 

@@ -1,6 +1,8 @@
 """Small shared helpers: device choice, seeding and atomic file writes."""
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import random
@@ -27,6 +29,24 @@ def resolve_device(name: str = "auto") -> torch.device:
             raise ValueError(f"--device {name} was requested but this machine has {count} CUDA device(s); "
                              "use --device cpu or auto")
     return device
+
+
+def keep_freed_memory() -> None:
+    """Have glibc keep freed memory for reuse instead of handing it back to the OS at once.
+
+    Ensemble training allocates blocks of tens of MB every step (gathered features, the cast weight,
+    its gradient). glibc serves blocks over 32 MB with fresh mmaps and unmaps them on free, so each
+    step page-faults through them again: converting the 10.8M-element first-layer gradient took 9.8 ms
+    that way and 1.3 ms from reused memory (2-core CPU). Peak memory is unchanged. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    mallopt(m_mmap_max, 0)  # large blocks come from the heap, so free() keeps them for the next step
+    mallopt(m_trim_threshold, 2**31 - 1)  # and the heap top is not trimmed back after every step
 
 
 def derive_seed(*keys: int) -> int:

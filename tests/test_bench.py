@@ -13,7 +13,7 @@ def small_run(tmp_path_factory):
     """The whole bench on the tiny layout, every phase in its own spawned process, as the CLI runs it."""
     path = tmp_path_factory.mktemp("bench") / "bench.json"
     bench.main(["--small", "--n", "3", "--orig-n", "1", "--members", "3", "--train-steps", "10",
-                "--predict-runs", "1", "--quality-n", "2", "--quality-test", "1", "--quality-steps", "150",
+                "--predict-runs", "1", "--quality-n", "2", "--quality-test", "1", "--quality-epochs", "2", "--batch", "32",
                 "--threads", "1", "--quiet", "--json", str(path)])
     return json.loads(path.read_text())
 

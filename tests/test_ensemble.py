@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddpm_seg.bench import OriginalClassifier  # the original pixel_classifier layout
-from ddpm_seg.ensemble import MLPEnsemble, member_seed, predict_logits, train_ensemble
+from ddpm_seg.ensemble import MLPEnsemble, member_seed, predict_logits, scaled_lr, train_ensemble
 from ddpm_seg.feature_store import FeatureStore, PixelSampler
 
 DIM, CLASSES, MEMBERS = 12, 3, 3
@@ -247,7 +247,7 @@ def test_bf16_autocast_training_learns():
     store, sampler = separable_problem()
     ens = MLPEnsemble(DIM, CLASSES, 2, seed=0)
     train_ensemble(ens, store, sampler, seed=0, batch_size=16, max_epochs=4, lr=1e-2,
-                   autocast_dtype=torch.bfloat16, progress=False)
+                   matmul_dtype=torch.bfloat16, progress=False)
     assert ens.fc1.weight.dtype == torch.float32
     img, ys, xs, target = sampler.lookup(sampler.valid)
     ens.eval()
@@ -264,3 +264,32 @@ def test_train_rejects_mismatched_inputs():
         train_ensemble(MLPEnsemble(DIM + 1, CLASSES, 1), store, sampler, seed=0, progress=False)
     with pytest.raises(ValueError, match="labels must lie in"):
         train_ensemble(MLPEnsemble(DIM, 2, 1), store, sampler, seed=0, progress=False)
+
+
+def test_first_layer_over_table_parts_equals_one_matmul():
+    """Features given as per-resolution parts (columns in another order) give the same output and the same
+    weight and bias gradients as the plain [A, B, dim] matmul, members subset included (float64: exact)."""
+    shapes = [(3, 4, 4), (2, 8, 8), (5, 4, 4), (2, 8, 8)]
+    store = FeatureStore(shapes, (8, 8), 1)
+    dim = sum(c for c, _, _ in shapes)
+    ens = randomise(MLPEnsemble(dim, CLASSES, MEMBERS)).double()
+    x = torch.randn(2, 7, dim, dtype=torch.float64)
+    parts = [torch.cat([x[..., f:f + c] for f, _, c in blocks], dim=2) for blocks in store.blocks]
+    members = torch.tensor([2, 0])
+    grads = []
+    for kind in ("plain", "parts"):
+        ens.zero_grad()
+        if kind == "plain":
+            z = torch.baddbmm(ens.fc1.bias[members].unsqueeze(1), x, ens.fc1.weight[members].transpose(1, 2))
+        else:
+            z = ens.fc1.forward_parts(parts, store.blocks, members)
+        (z * torch.linspace(-1, 1, z.numel(), dtype=torch.float64).view_as(z)).sum().backward()
+        grads.append((z.detach(), ens.fc1.weight.grad.clone(), ens.fc1.bias.grad.clone()))
+    for plain, by_parts in zip(*grads):
+        assert torch.allclose(plain, by_parts, atol=1e-12, rtol=0)
+    assert ens.fc1.weight.grad[1].abs().max() == 0 and ens.fc1.weight.grad[0].abs().max() > 0
+
+
+def test_learning_rate_scales_with_the_square_root_of_the_batch():
+    assert scaled_lr(64) == pytest.approx(1e-3) and scaled_lr(1024) == pytest.approx(4e-3)
+    assert scaled_lr(256) == pytest.approx(2e-3)

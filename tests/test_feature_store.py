@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +146,37 @@ def test_single_pixel_tail_joins_previous_batch():
     assert sizes == [4, 5]
     with pytest.raises(ValueError, match="labelled pixels"):
         PixelSampler(torch.full((1, 3, 4), 255))
+
+
+def test_maps_of_one_resolution_share_a_table_and_parts_hold_their_columns():
+    shapes = [(3, 4, 4), (2, 8, 8), (5, 4, 4), (1, 8, 8)]  # two resolutions, interleaved in feature order
+    store = FeatureStore(shapes, (8, 8), 2, dtype=torch.float32)
+    assert store.table_sizes == [(4, 4), (8, 8)]
+    assert store.blocks == [[(0, 0, 3), (5, 3, 5)], [(3, 0, 2), (10, 2, 1)]]
+    gen = torch.Generator().manual_seed(0)
+    images = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]
+    for i, maps in enumerate(images):
+        store.put(i, maps)
+        assert all(torch.equal(a, b) for a, b in zip(store.maps(i), maps))
+    img, ys, xs = (torch.tensor(v) for v in ([0, 1, 1], [0, 3, 7], [5, 2, 7]))
+    full = store.gather(img, ys, xs)
+    for part, blocks in zip(store.gather_tables(img, ys, xs), store.blocks):
+        assert part.shape[1] == sum(c for _, _, c in blocks)
+        for feature, column, c in blocks:
+            assert torch.equal(part[:, column:column + c], full[:, feature:feature + c])
+
+
+def test_bfloat16_store_in_ram_and_on_disk(tmp_path):
+    images = random_images(2)
+    ram = filled_store(images, dtype=torch.bfloat16)
+    assert ram.nbytes == 2 * sum(c * h * w for c, h, w in MAP_SHAPES) * 2
+    img, ys, xs = all_pixels(2)
+    expected = naive_features(images)[img, :, ys, xs]
+    assert (ram.gather(img, ys, xs) - expected).abs().max().item() <= 4e-2  # |x| < 5, bf16 ulp 2^-8
+    root = str(tmp_path / "bf16")
+    disk = filled_store(images, dtype=torch.bfloat16, root=root)
+    assert os.path.isfile(os.path.join(root, "table0.bf16"))
+    reopened = FeatureStore.open(root)
+    assert reopened.dtype == torch.bfloat16
+    assert torch.equal(reopened.gather(img, ys, xs), ram.gather(img, ys, xs))
+    assert torch.equal(disk.maps(1)[2], ram.maps(1)[2])

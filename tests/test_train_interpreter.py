@@ -116,3 +116,17 @@ def test_resume_refuses_other_settings(experiment):
     os.remove(os.path.join(cfg["exp_dir"], "10_30_2_5", "seed_0", "model_1.pth"))
     with pytest.raises(ValueError, match=r"settings.json: the files beside it were made with other settings"):
         _run(path, "--no_pictures")
+
+
+def test_batch_size_and_scaled_lr_are_settings_of_the_run(experiment):
+    path, cfg = experiment
+    _run(path, "--no_pictures", "--batch_size", "128")
+    folder = os.path.join(cfg["exp_dir"], "10_30_2_5", "seed_0")
+    settings = json.load(open(os.path.join(folder, "settings.json")))
+    assert settings["batch_size"] == 128 and settings["lr"] == pytest.approx(1e-3 * 2 ** 0.5)
+    assert settings["store_dtype"] == "bfloat16"  # --autocast bf16 (the default) stores bfloat16
+    os.remove(os.path.join(folder, "model_1.pth"))
+    with pytest.raises(ValueError, match="other settings"):
+        _run(path, "--no_pictures")  # the config's batch 64 would train member 1 another way
+    with pytest.raises(ValueError, match="--batch_size must be at least 2"):
+        _run(path, "--batch_size", "1")
