@@ -438,7 +438,7 @@ def run_bench(args):
     }
     say = print if not args.quiet else (lambda *a, **k: None)
     say(f"layout: {len(map_shapes)} maps, {dim} features per pixel, {image_size[0]}x{image_size[1]} images; "
-        f"full-res float32 {full_bytes / GB:.3f} GB/image, float16 store "
+        f"full-res float32 {full_bytes / GB:.3f} GB/image, 16-bit store "
         f"{results['layout']['store_bytes_per_image'] / GB:.4f} GB/image; {args.threads} threads")
 
     def original_at_n(measured):

@@ -39,7 +39,7 @@ def member_seed(seed, m):
 
 
 class _FirstLayer(torch.autograd.Function):
-    """z [A, B, out] = bias + x @ weight for features that arrive as parts: x is the concatenation, in
+    """z [A, B, out] = bias + x @ weight^T for features that arrive as parts: x is the concatenation, in
     feature order, of the column blocks `blocks[j]` = [(first feature, first column in part j, width)]
     of parts[j] [A, B, C_j] (a FeatureStore's per-resolution tables).
 
