@@ -2,7 +2,7 @@
 
 Phases, each approach in its own fresh process so that its peak RSS (ru_maxrss, which never goes
 down) is its own:
-  store    extraction-to-store: ours puts native-resolution float16 maps into a FeatureStore; the
+  store    extraction-to-store: ours puts native-resolution bfloat16 maps into a FeatureStore; the
            original upsamples every map to full resolution in float32 and builds one [N*H*W, D] tensor.
   train    ours trains all members at once (train_ensemble, --batch pixels per member, bf16 matmuls)
            over the store of N images; the original trains nn.Sequential members one after another
