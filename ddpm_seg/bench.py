@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from .ensemble import MLPEnsemble, hidden_sizes, member_seed, predict_logits, train_ensemble
+from .ensemble import PAPER_BATCH, PAPER_LR, MLPEnsemble, hidden_sizes, member_seed, predict_logits, train_ensemble
 from .evaluate import ConfusionMatrix, majority_vote
 from .feature_store import FeatureStore, PixelSampler
 from .utils import atomic_write_json, derive_seed
@@ -53,7 +53,6 @@ SMALL_CHANNELS, SMALL_SCALE = 16, 4
 
 PHASES = ("store", "train", "predict", "quality")
 IGNORE_LABEL = 255
-PAPER_BATCH = 64  # the paper's (and the original's) batch per member
 HELD_OUT = 1_000_000  # images from this index on are never trained on
 PREDICT_FIT_STEPS = 30  # the predict phase's members are trained a little so their votes mean something
 WARMUP_STEPS = 3  # untimed steps first, so one-off kernel setup is not billed to either approach
@@ -206,7 +205,7 @@ def train_original_member(net, X, y, steps, seed):
     64, Adam lr 1e-3, float32, with the per-step loss.item() of its stopping rule."""
     loader = DataLoader(TensorDataset(X, y), batch_size=PAPER_BATCH, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(net.parameters(), lr=PAPER_LR)
     criterion = nn.CrossEntropyLoss()
     net.train()
     done = 0
