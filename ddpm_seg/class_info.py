@@ -76,3 +76,15 @@ def default_palette(n: int) -> np.ndarray:
             bit = (ids >> (3 * level + channel)) & 1
             palette[:, channel] |= bit << (7 - level)
     return palette.astype(np.uint8)
+
+
+def class_table(cfg: dict) -> tuple:
+    """(class names, palette [K, 3] uint8) of an experiment: the benchmark's packaged table for the paper's
+    datasets, else the config's own class_names / palette or generated ones."""
+    category = cfg.get("category")
+    if category in dataset_names():
+        info = dataset_info(category)
+        return info["class_names"], info["palette"]
+    names = cfg.get("class_names") or default_class_names(cfg["number_class"])
+    palette = cfg.get("palette")
+    return names, (np.array(palette, dtype=np.uint8).reshape(-1, 3) if palette else default_palette(cfg["number_class"]))

@@ -10,6 +10,8 @@ import sys
 COMMANDS = {
     "demo": ("demo", "generate the demo data, train a small DDPM and segment with its features (CPU, no downloads)"),
     "train-interpreter": ("train_interpreter", "extract features, train the pixel-classifier ensemble, evaluate mIoU"),
+    "predict": ("predict", "segment new images (files, folders, globs) with a trained interpreter or DeepLab"),
+    "convert-labels": ("convert_labels", "PNG masks (labels/ folder) -> <stem>.npy beside each image, the official layout"),
     "train-ddpm": ("train_ddpm", "train a guided-diffusion DDPM on a folder of unlabelled images"),
     "generate-dataset": ("generate_dataset", "DatasetDDPM: sample the DDPM, label the samples with the ensemble (.npz)"),
     "train-deeplab": ("train_deeplab", "train DeepLabV3 on a DatasetDDPM/DatasetGAN .npz, evaluate mIoU on real images"),

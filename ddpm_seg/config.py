@@ -2,6 +2,9 @@
 
 import os
 
+from guided_diffusion.checkpoint import read_model_flags
+from guided_diffusion.script_util import args_to_dict, model_and_diffusion_defaults
+
 from .utils import read_json_object
 
 # key -> (expected type, required). The original files carry a few keys the code never reads
@@ -102,3 +105,18 @@ def check_paths(cfg: dict, keys, path: str = "<config>") -> None:
     for key in keys:
         if not os.path.exists(cfg[key]):
             raise FileNotFoundError(f"{path}: {key} {cfg[key]!r} does not exist; {hints.get(key, 'check the path')}")
+
+
+def explicit_flags(argv):
+    """Model flags named on the command line (as --flag value or --flag=value)."""
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    return given & set(model_and_diffusion_defaults())
+
+
+def resolve_model_flags(cfg, args, argv):
+    """Flags saved beside a checkpoint of ours win over defaults; flags typed on the command line win over both."""
+    cli = args_to_dict(args, model_and_diffusion_defaults().keys())
+    saved = read_model_flags(cfg["model_path"]) if cfg["model_type"] == "ddpm" else None
+    if saved is None:
+        return cli
+    return {**cli, **saved, **{k: cli[k] for k in explicit_flags(argv)}}

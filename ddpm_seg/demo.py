@@ -19,8 +19,8 @@ from guided_diffusion.script_util import model_and_diffusion_defaults
 from .config import load_experiment, run_dir
 from .demo_data import generate_demo_dataset
 from .train_ddpm import train_ddpm, train_ddpm_defaults
-from .train_interpreter import add_args as add_interpreter_args
-from .train_interpreter import run as run_interpreter
+from .training import add_args as add_interpreter_args
+from .training import run as run_interpreter
 from .utils import atomic_path, atomic_write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

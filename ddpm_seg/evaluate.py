@@ -178,3 +178,10 @@ def format_iou_table(ious, class_names, miou: float, ignore_label=None) -> str:
         lines.append(f"{class_id:>{id_width}}  {name:<{name_width}}  {cell:>7}")
     lines.append(f"{'':>{id_width}}  {'mIoU':<{name_width}}  {100 * miou:>7.2f}")
     return "\n".join(lines)
+
+
+def iou_metrics(matrix: ConfusionMatrix, class_names, ignore_label) -> dict:
+    """Print the per-class IoU table with the dataset's class names; return {"miou", "iou": {name: IoU}}."""
+    ious, miou = matrix.iou(), matrix.miou()
+    print(format_iou_table(ious, class_names, miou, ignore_label=ignore_label))
+    return {"miou": miou, "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, ious)}}

@@ -37,10 +37,9 @@ from guided_diffusion.script_util import (
 )
 
 from .backbones import create_feature_extractor
-from .config import check_paths, load_experiment, run_dir
-from .ensemble import MLPEnsemble, predict_logits
-from .evaluate import image_uncertainty_score, majority_vote, uncertainty_map
-from .train_interpreter import member_path, resolve_model_flags
+from .config import check_paths, load_experiment, resolve_model_flags, run_dir
+from .data import synthetic_dataset_path
+from .interpreter import Interpreter, load_ensemble
 from .utils import atomic_path, check_settings, derive_seed, distributed
 
 INDEX_NAME = "index.json"
@@ -103,24 +102,20 @@ def sample_images(model, diffusion, indices, seed, image_size, use_ddim=False, c
     return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def label_images(extractor, ensemble, images, indices, seed):
+def label_images(interpreter, images, indices, seed):
     """uint8 images [B, H, W, 3] -> (uint8 labels [B, H, W], float32 uncertainty scores [B]), as on real images."""
     labels, scores = [], []
     for image, i in zip(images, indices):
         # Only matters without share_noise: the extractor then draws fresh noise from the global generator.
         torch.manual_seed(sample_seed(seed, i, stream=1))
-        logits = predict_logits(ensemble, extractor(image), image.shape[:2])
-        labels.append(majority_vote(logits).cpu().numpy().astype(np.uint8))
-        scores.append(image_uncertainty_score(uncertainty_map(logits).cpu()))
+        label, _, score = interpreter(image)
+        labels.append(label)
+        scores.append(score)
     return np.stack(labels), np.array(scores, dtype=np.float32)
 
 
 def chunk_ranges(num_samples: int, batch_size: int) -> list:
     return [(s, min(s + batch_size, num_samples)) for s in range(0, num_samples, batch_size)]
-
-
-def output_path(out_dir: str, image_size) -> str:
-    return os.path.join(out_dir, f"samples_{image_size[0]}x{image_size[1]}x3.npz")
 
 
 def shard_dir(out_path: str) -> str:
@@ -164,17 +159,6 @@ def merge_shards(folder: str, chunks: list, out_path: str) -> None:
         os.remove(chunk_path(folder, k))
 
 
-def load_ensemble(cfg, folder, seed, device):
-    ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=seed).to(device)
-    for m in range(cfg["model_num"]):
-        path = member_path(folder, m)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"pixel classifier {path!r} does not exist; train the ensemble first "
-                                    "(ddpm-seg train-interpreter --exp <this config>) or pass --run_dir")
-        ensemble.load_member(path, m)
-    return ensemble.eval()
-
-
 def check_options(cfg, exp_path, opts):
     if cfg["model_type"] != "ddpm":
         raise ValueError(f"{exp_path}: generate-dataset samples from a DDPM; model_type is {cfg['model_type']!r}")
@@ -203,7 +187,7 @@ def generate_dataset(args, argv=()):
 def _run(cfg, args, flags, opts, rank, world_size, device):
     ensemble_dir = args.run_dir or run_dir(cfg, args.seed)
     size = tuple(cfg["dim"][:2])
-    out_path = output_path(args.out_dir or ensemble_dir, size)
+    out_path = synthetic_dataset_path(args.out_dir or ensemble_dir, size)
     folder = shard_dir(out_path)
     settings = {**opts, "seed": args.seed, "exp": cfg, "model_flags": flags,
                 "ensemble_dir": os.path.abspath(ensemble_dir)}
@@ -216,7 +200,7 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
 
     # Features on the full process the ensemble was trained with; sampling on the (maybe respaced) one.
     extractor = create_feature_extractor(cfg, flags, device, seed=args.seed)
-    ensemble = load_ensemble(cfg, ensemble_dir, args.seed, device)
+    interpreter = Interpreter(cfg, extractor, load_ensemble(cfg, ensemble_dir, args.seed, device))
     diffusion = sampling_diffusion(flags)
     chunks = chunk_ranges(opts["num_samples"], opts["batch_size"])
     missing = [k for k in range(len(chunks)) if not os.path.isfile(chunk_path(folder, k))]
@@ -234,7 +218,7 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
         indices = range(*chunks[k])
         images = sample_images(extractor.model, diffusion, indices, opts["sample_seed"], size,
                                opts["use_ddim"], opts["clip_denoised"])
-        labels, scores = label_images(extractor, ensemble, images, indices, opts["sample_seed"])
+        labels, scores = label_images(interpreter, images, indices, opts["sample_seed"])
         save_chunk(chunk_path(folder, k), indices, images, labels, scores)
         bar.update(len(indices))
     bar.close()

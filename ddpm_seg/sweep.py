@@ -24,12 +24,13 @@ from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffus
 
 from .backbones import create_feature_extractor
 from .backbones.ddpm import DDPMFeatureExtractor
-from .config import check_paths, load_experiment
-from .ensemble import MLPEnsemble, predict_logits, train_ensemble
-from .evaluate import ConfusionMatrix, majority_vote
+from .config import check_paths, load_experiment, resolve_model_flags
+from .data import load_split
+from .ensemble import MLPEnsemble, train_ensemble
+from .evaluate import ConfusionMatrix
 from .feature_store import FeatureStore
-from .train_interpreter import (AUTOCAST, add_precision_args, extract_training_store, load_split, resolve_model_flags,
-                                store_dtype_name, training_sampler)
+from .interpreter import segment_maps
+from .training import AUTOCAST, add_precision_args, extract_training_store, store_dtype_name, training_sampler
 from .utils import atomic_path, check_settings, resolve_device, seed_everything
 from .visualize import heatmap
 
@@ -116,8 +117,8 @@ def run_sweep(cfg, exp_path, model_flags, args):
         for t in steps:
             maps = extractors[t](item.image)
             for k, b in enumerate(blocks):
-                logits = predict_logits(ensembles[t, b], [maps[k]], item.label.shape)
-                matrices[t, b].update(majority_vote(logits).cpu(), item.label)
+                labels, _, _ = segment_maps(ensembles[t, b], [maps[k]], item.label.shape, item.label.shape)
+                matrices[t, b].update(labels, item.label)
     for cell in cells:
         cell["miou"] = matrices[cell["step"], cell["block"]].miou()
     shutil.rmtree(os.path.join(args.out, "features"), ignore_errors=True)

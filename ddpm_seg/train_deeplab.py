@@ -32,20 +32,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet101
 from tqdm import tqdm
 
-from guided_diffusion.checkpoint import load_state_dict_strict, safe_load
+from guided_diffusion.checkpoint import safe_load
 
 from .backbones import image_tensor
 from .config import check_paths, experiment_suffix, load_experiment, run_dir
-from .data import list_images, load_labelled_folder, resize_image, resize_label
-from .evaluate import ConfusionMatrix
-from .generate_dataset import output_path
-from .train_interpreter import iou_metrics
+from .class_info import class_table
+from .data import list_images, load_labelled_folder, resize_image, resize_label, synthetic_dataset_path
+from .deeplab import DEEPLABS, EXPERIMENT_NAME, build_deeplab
+from .evaluate import ConfusionMatrix, iou_metrics
 from .utils import atomic_torch_save, atomic_write_json, check_settings, derive_seed, seed_everything, distributed
 
-DEEPLABS = {"resnet101": deeplabv3_resnet101, "resnet50": deeplabv3_resnet50}
 SETTINGS_NAME = "settings.json"
 
 
@@ -141,17 +139,6 @@ def check_labels(labels, indices, number_class, ignore_label, path, chunk=256):
                          f"(ignore_label is {ignore_label})")
 
 
-def build_deeplab(backbone: str, num_classes: int, backbone_weights: str = ""):
-    """torchvision DeepLabV3 without the auxiliary head and without downloads; the backbone optionally
-    starts from a local torchvision ResNet state dict (its classifier `fc` is not used)."""
-    model = DEEPLABS[backbone](weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
-    if backbone_weights:
-        state = safe_load(backbone_weights, f"{backbone} backbone weights")
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        load_state_dict_strict(model.backbone, state, backbone_weights, hints=None)
-    return model
-
-
 @torch.no_grad()
 def evaluate_deeplab(model, items, number_class, ignore_label, batch_size=8) -> ConfusionMatrix:
     """Confusion matrix of the model's argmax over labelled items (already at the model's input size)."""
@@ -203,7 +190,7 @@ def train_deeplab(args) -> dict:
 
 
 def _run(cfg, args, rank, world_size, device):
-    data_path = args.data_path or output_path(run_dir(cfg, args.seed), cfg["dim"][:2])
+    data_path = args.data_path or synthetic_dataset_path(run_dir(cfg, args.seed), cfg["dim"][:2])
     folder = args.out_dir or deeplab_dir(cfg, args)
     res, num_classes, ignore = cfg["deeplab_res"], cfg["number_class"], cfg["ignore_label"]
     images, labels, scores = load_synthetic(data_path)
@@ -223,6 +210,8 @@ def _run(cfg, args, rank, world_size, device):
                 "seed": args.seed}
     os.makedirs(folder, exist_ok=True)
     check_settings(os.path.join(folder, SETTINGS_NAME), settings, write=rank == 0)
+    if rank == 0:  # class names, palette and input size for `ddpm-seg predict --deeplab`
+        atomic_write_json(os.path.join(folder, EXPERIMENT_NAME), cfg)
 
     seed_everything(args.seed)  # the same initial weights on every rank
     model = build_deeplab(args.backbone, num_classes, args.backbone_weights).to(device)
@@ -283,7 +272,7 @@ def _run(cfg, args, rank, world_size, device):
     model.load_state_dict(safe_load(best_path, "DeepLab checkpoint")["model_state_dict"])
     matrix = evaluate_deeplab(model, test_items, num_classes, ignore, args.eval_batch_size)
     metrics = {
-        **iou_metrics(matrix, cfg),
+        **iou_metrics(matrix, class_table(cfg)[0], ignore),
         "val_miou": state["best_val_miou"],
         "best_epoch": state["best_epoch"],
         "val_history": state["val_history"],

@@ -119,3 +119,71 @@ def save_prediction_picture(path, image, gt, pred, uncertainty, palette, ignore_
             canvas.paste(_title_strip(title, width), (left, 0))
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
+
+
+OVERLAY_ALPHA = 0.5  # share of the class colour in an overlay pixel
+SWATCH = 10  # legend colour square, pixels
+LEGEND_LINE = 14
+
+
+def _legend(class_names, palette, width: int) -> Image.Image:
+    """Colour swatch and name of every class, wrapped into lines of `width` pixels."""
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    entries, lines, x = [], 0, 4
+    for name, colour in zip(class_names, np.asarray(palette).reshape(-1, 3)):
+        w = SWATCH + 4 + probe.textbbox((0, 0), name, font=font)[2] + 10
+        if x + w > width and x > 4:
+            lines, x = lines + 1, 4
+        entries.append((x, lines, name, tuple(int(c) for c in colour)))
+        x += w
+    legend = Image.new("RGB", (width, (lines + 1) * LEGEND_LINE + 4), BACKGROUND)
+    draw = ImageDraw.Draw(legend)
+    for x, line, name, colour in entries:
+        y = 2 + line * LEGEND_LINE
+        draw.rectangle((x, y + 1, x + SWATCH - 1, y + SWATCH), fill=colour, outline=TEXT_COLOR)
+        draw.text((x + SWATCH + 4, y), name, fill=TEXT_COLOR, font=font)
+    return legend
+
+
+def overlay(image, labels, palette, ignore_label=None) -> np.ndarray:
+    """uint8 [H, W, 3]: the label colours blended over the image (OVERLAY_ALPHA of colour)."""
+    colours = colorize(labels, palette, ignore_label).astype(np.float32)
+    return np.round((1 - OVERLAY_ALPHA) * _to_numpy(image) + OVERLAY_ALPHA * colours).astype(np.uint8)
+
+
+def save_overlay_picture(path, image, labels, palette, class_names, ignore_label=None) -> None:
+    """Write one PNG: the mask blended over the image, with a legend of the class names below."""
+    picture = Image.fromarray(overlay(image, labels, palette, ignore_label))
+    legend = _legend(class_names, palette, max(picture.width, 160))
+    canvas = Image.new("RGB", (legend.width, picture.height + legend.height), BACKGROUND)
+    canvas.paste(picture, (0, 0))
+    canvas.paste(legend, (0, picture.height))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+def _thumbnail(array: np.ndarray, side: int, resample) -> Image.Image:
+    picture = Image.fromarray(array)
+    scale = side / max(picture.size)
+    return picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), resample)
+
+
+def save_contact_sheet(path, entries, palette, class_names, side=128) -> None:
+    """One PNG of rows `caption` / image | predicted mask, from entries (caption, image, labels), thumbnails
+    fitted into side x side, with the class legend at the bottom."""
+    font = ImageFont.load_default()
+    width = 2 * side + 3 * PANEL_GAP
+    row = TITLE_HEIGHT + side + PANEL_GAP
+    legend = _legend(class_names, palette, width)
+    canvas = Image.new("RGB", (width, len(entries) * row + legend.height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for i, (caption, image, labels) in enumerate(entries):
+        top = i * row
+        draw.text((PANEL_GAP, top + 1), caption, fill=TEXT_COLOR, font=font)
+        canvas.paste(_thumbnail(image, side, Image.BILINEAR), (PANEL_GAP, top + TITLE_HEIGHT))
+        canvas.paste(_thumbnail(colorize(labels, palette), side, Image.NEAREST),
+                     (2 * PANEL_GAP + side, top + TITLE_HEIGHT))
+    canvas.paste(legend, (0, len(entries) * row))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")

@@ -1,0 +1,177 @@
+"""The interpreter: a backbone's feature extractor and a trained pixel-classifier ensemble, which segments
+images of any size. train-interpreter's evaluation, generate-dataset, sweep, the demo and predict all
+segment through it.
+
+An image is resized to the experiment's resolution (dim[:2]) for its features, the ensemble's logits are
+computed there (predict_logits), then upsampled bilinearly to the image's own size before the members vote,
+so the mask matches the input pixel for pixel. At the experiment's resolution nothing is resampled: the
+labels are those train-interpreter's evaluation writes.
+
+    interp = Interpreter.load("pixel_classifiers/demo/ddpm/50_150_250_0_1_2_3_4_5_6_7/seed_0")
+    labels, uncertainty, score = interp(Image.open("photo.jpg"))
+"""
+
+import os
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from .backbones import create_feature_extractor
+from .class_info import class_table
+from .config import validate_experiment
+from .data import image_to_rgb, resize_image
+from .ensemble import MLPEnsemble, predict_logits
+from .evaluate import ConfusionMatrix, image_uncertainty_score, iou_metrics, majority_vote, uncertainty_map
+from .utils import atomic_save_npy, read_json_object, resolve_device
+from .visualize import save_prediction_picture
+
+SETTINGS_NAME = "settings.json"
+# Logit values (members x classes x pixels) upsampled at once: a large photo is voted band by band of rows,
+# so its full-size logits (10 x 34 x 12 M pixels = 16 GB for a 4000 x 3000 photo) never exist whole.
+BAND_VALUES = 2**25
+
+
+def member_path(folder, m):
+    return os.path.join(folder, f"model_{m}.pth")
+
+
+def load_ensemble(cfg, folder, seed, device):
+    """The cfg["model_num"] members model_{i}.pth of `folder`, in eval mode."""
+    ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=seed).to(device)
+    for m in range(cfg["model_num"]):
+        path = member_path(folder, m)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"pixel classifier {path!r} does not exist; train the ensemble first "
+                                    "(ddpm-seg train-interpreter --exp <this config>) or pass --run_dir")
+        ensemble.load_member(path, m)
+    return ensemble.eval()
+
+
+def as_rgb(image) -> np.ndarray:
+    """A PIL image (any mode, EXIF orientation applied) or a uint8 array [H, W, 3] -> uint8 [H, W, 3]."""
+    if isinstance(image, Image.Image):
+        return image_to_rgb(image)
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a PIL image or a uint8 array [H, W, 3], got {image.dtype} {image.shape}")
+    return image
+
+
+def upsample_rows(logits, size, start, stop):
+    """Rows start..stop-1 of F.interpolate(logits, size, mode="bilinear", align_corners=False), made from
+    the source rows they need only: [M, C, stop - start, W]."""
+    h = logits.shape[2]
+    rows = torch.arange(start, stop, dtype=torch.float64, device=logits.device)
+    # The source coordinate of align_corners=False, clamped at the top edge as PyTorch does.
+    source = ((rows + 0.5) * (h / size[0]) - 0.5).clamp(min=0)
+    top = source.floor().long().clamp(max=h - 1)
+    below = (top + 1).clamp(max=h - 1)
+    weight = (source - top).to(logits.dtype)[:, None]
+    band = logits[:, :, top] * (1 - weight) + logits[:, :, below] * weight
+    # Same number of rows in and out: this interpolates along the width only.
+    return F.interpolate(band, size=(stop - start, size[1]), mode="bilinear", align_corners=False)
+
+
+def segment_logits(logits, size, uncertainty=uncertainty_map):
+    """(labels uint8 [H, W], uncertainty float32 [H, W], score) from members' logits [M, C, h, w] upsampled
+    to size = (H, W): the majority vote, a per-pixel uncertainty and the mean of its top 10%."""
+    num_members, num_classes, h, w = logits.shape
+    height, width = size
+    labels = np.empty((height, width), dtype=np.uint8)
+    unc = np.empty((height, width), dtype=np.float32)
+    step = max(1, BAND_VALUES // (width * num_members * num_classes))
+    for start in range(0, height, step):
+        stop = min(height, start + step)
+        band = logits[:, :, start:stop] if (h, w) == (height, width) else upsample_rows(logits, size, start, stop)
+        labels[start:stop] = majority_vote(band).cpu().numpy()
+        unc[start:stop] = uncertainty(band).cpu().numpy()
+    return labels, unc, image_uncertainty_score(torch.from_numpy(unc))
+
+
+def segment_maps(ensemble, maps, resolution, size):
+    """Segment one image from its feature maps: logits at the experiment's resolution (h, w), upsampled to
+    the image's size (H, W) for the vote. Returns (labels, uncertainty, score) as segment_logits."""
+    return segment_logits(predict_logits(ensemble, maps, resolution), size)
+
+
+class Interpreter:
+    """Segments images with a feature extractor and a trained ensemble; class names and palette come along."""
+
+    def __init__(self, cfg, extractor, ensemble):
+        if cfg["number_class"] > 256:
+            raise ValueError(f"number_class {cfg['number_class']} > 256: labels are written as uint8 ids")
+        self.cfg, self.extractor, self.ensemble = cfg, extractor, ensemble
+        self.class_names, self.palette = class_table(cfg)
+        self.number_class, self.ignore_label = cfg["number_class"], cfg["ignore_label"]
+        self.resolution = tuple(cfg["dim"][:2])
+
+    @classmethod
+    def load(cls, run_dir, model_path=None, device="auto"):
+        """The interpreter of a train-interpreter run folder (.../seed_<N>/): its settings.json holds the
+        config, the model flags, the seed and random_init; model_{i}.pth the members. `model_path` replaces
+        the backbone checkpoint path recorded there (a run folder copied to another machine)."""
+        path = os.path.join(run_dir, SETTINGS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{run_dir!r} is not a train-interpreter run folder: it has no {SETTINGS_NAME}")
+        settings = read_json_object(path, "run settings")
+        missing = sorted({"config", "model_flags", "random_init"} - set(settings))
+        if missing:
+            raise ValueError(f"{path}: lacks {missing}; was it written by train-interpreter?")
+        cfg = validate_experiment(settings["config"], path)
+        seed = settings.get("seed")
+        if seed is None:  # folders written before the seed was recorded are named after it
+            match = re.fullmatch(r"seed_(\d+)", os.path.basename(os.path.normpath(run_dir)))
+            if match is None:
+                raise ValueError(f"{path}: records no seed and the folder is not named seed_<N>")
+            seed = int(match.group(1))
+        if model_path is not None:
+            cfg = dict(cfg, model_path=model_path)
+        if not settings["random_init"] and not os.path.exists(cfg["model_path"]):
+            raise FileNotFoundError(f"{path}: the backbone checkpoint {cfg['model_path']!r} it was trained with does "
+                                    "not exist here; pass its path (--model_path, or Interpreter.load(..., model_path=))")
+        device = resolve_device(device)
+        extractor = create_feature_extractor(cfg, settings["model_flags"], device, seed=seed,
+                                             random_init=settings["random_init"])
+        return cls(cfg, extractor, load_ensemble(cfg, run_dir, seed, device))
+
+    def features(self, images):
+        """Feature maps of images already at the experiment's resolution: per image, a list of [C, h, w]."""
+        return [self.extractor(image) for image in images]
+
+    def segment(self, images):
+        """[(labels uint8 [H, W], uncertainty float32 [H, W], score)] for images (PIL or uint8 [H, W, 3])
+        of any sizes; each result at its image's size."""
+        images = [as_rgb(image) for image in images]
+        maps = self.features([resize_image(image, self.resolution) for image in images])
+        return [segment_maps(self.ensemble, m, self.resolution, image.shape[:2]) for image, m in zip(images, maps)]
+
+    def __call__(self, image):
+        return self.segment([image])[0]
+
+
+def evaluate(interpreter, items, folder, pictures=True):
+    """Segment labelled items (at the experiment's resolution), write predictions/<stem>.npy (and .png
+    pictures) in `folder`, return the metrics: mIoU, per-class IoU, uncertainty scores."""
+    matrix = ConfusionMatrix(interpreter.number_class, interpreter.ignore_label)
+    scores = []
+    root = os.path.commonpath([os.path.dirname(it.path) for it in items])
+    for item in tqdm(items, desc="evaluate"):
+        pred, unc, score = interpreter(item.image)
+        matrix.update(pred, item.label)
+        scores.append(score)
+        stem = os.path.splitext(os.path.relpath(item.path, root))[0].replace(os.sep, "__")
+        atomic_save_npy(os.path.join(folder, "predictions", stem + ".npy"), pred)
+        if pictures:
+            save_prediction_picture(os.path.join(folder, "predictions", stem + ".png"), item.image, item.label,
+                                    pred, unc, interpreter.palette, interpreter.ignore_label,
+                                    scale=max(1, 128 // min(item.label.shape)))
+    return {
+        **iou_metrics(matrix, interpreter.class_names, interpreter.ignore_label),
+        "mean_uncertainty": float(np.mean(scores)),
+        "uncertainty_scores": scores,
+        "num_test_images": len(items),
+    }

@@ -1,0 +1,201 @@
+"""predict: segment new images with a trained interpreter (--run_dir, a train-interpreter seed_<N> folder)
+or a train-deeplab checkpoint (--deeplab, no DDPM needed).
+
+Inputs are image files, folders (searched recursively; hidden files, macOS ._* files and a folder's top-level
+labels/ are skipped) and globs. Each image, of any size and mode, is segmented at its own size: features at
+the experiment's resolution, logits upsampled bilinearly to the image's size before the vote. Under --out,
+mirroring each image's path below its input folder (or glob base):
+    <stem>.png                 palette-indexed PNG of class ids in the experiment's palette (--format png|both)
+    <stem>.npy                 uint8 class ids (--format npy|both)
+    <stem>_overlay.png         the mask over the image, with a legend of the class names (--no_overlay: none)
+    <stem>_uncertainty.png/.npy  the per-pixel uncertainty: the members' disagreement; DeepLab: softmax
+                               entropy (--uncertainty)
+    predictions.csv            image, width, height, uncertainty score (mean of the top 10% pixels), the
+                               pixel share of each class
+    suggest.txt, suggest.png   with --suggest K: the K images with the highest uncertainty score, most
+                               uncertain first (what to label next), and a contact sheet of them
+An unreadable input is named and skipped; the exit status is then 1, after all others are done.
+"""
+
+import argparse
+import csv
+import glob
+import heapq
+import os
+import time
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .data import IMAGE_EXTENSIONS, is_hidden, list_images, read_image
+from .deeplab import DeepLabSegmenter
+from .interpreter import Interpreter
+from .utils import atomic_path, atomic_save_npy, resolve_device
+from .visualize import heatmap, save_contact_sheet, save_overlay_picture
+
+SUGGEST_THUMBNAIL = 128  # pixels, the longer side of a contact-sheet thumbnail
+
+
+def add_args(parser):
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run_dir", help="a train-interpreter run folder, e.g. pixel_classifiers/<ds>/ddpm/<steps_blocks>/seed_0")
+    model.add_argument("--deeplab", help="a train-deeplab checkpoint (deeplab_best.pth)")
+    parser.add_argument("--exp", default=None, help="with --deeplab: its experiment config (default: the "
+                                                    "experiment.json train-deeplab wrote beside the checkpoint)")
+    parser.add_argument("--model_path", default=None,
+                        help="with --run_dir: the backbone checkpoint, replacing the path recorded in the run folder")
+    parser.add_argument("--input", nargs="+", required=True, help="image files, folders (recursive) or globs")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    parser.add_argument("--batch_size", type=int, default=1, help="images segmented per call")
+    parser.add_argument("--format", choices=["png", "npy", "both"], default="png", help="how masks are written")
+    parser.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
+                        help="write <stem>_overlay.png (default: yes)")
+    parser.add_argument("--uncertainty", action="store_true", help="write <stem>_uncertainty.png and .npy")
+    parser.add_argument("--suggest", type=int, default=0, metavar="K",
+                        help="write suggest.txt and suggest.png: the K most uncertain images, to label next")
+
+
+def glob_base(pattern: str) -> str:
+    """The folder part of a glob before its first wildcard: outputs mirror the matches' paths below it."""
+    parts = []
+    for part in os.path.normpath(pattern).split(os.sep):
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return os.sep.join(parts) if parts else "."
+
+
+def collect_inputs(patterns, out_dir) -> list:
+    """[(image path, output stem relative to --out)] in input order; a path matching nothing is an error,
+    as are two inputs that would write the same outputs."""
+    out_dir = os.path.realpath(out_dir)
+    found = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found += [(p, os.path.relpath(p, pattern)) for p in list_images(pattern)
+                      if not os.path.realpath(p).startswith(out_dir + os.sep)]
+        elif os.path.isfile(pattern):
+            found.append((pattern, os.path.basename(pattern)))
+        elif glob.has_magic(pattern):
+            base = glob_base(pattern)
+            for match in sorted(glob.glob(pattern, recursive=True)):
+                if os.path.isdir(match):
+                    found += [(p, os.path.relpath(p, base)) for p in list_images(match)]
+                elif not any(is_hidden(part) for part in os.path.relpath(match, base).split(os.sep)):
+                    found.append((match, os.path.relpath(match, base)))
+        else:
+            raise FileNotFoundError(f"--input {pattern!r}: no such file or folder, and no glob")
+    inputs, owner = [], {}
+    for path, rel in found:
+        stem = os.path.splitext(rel)[0]
+        if stem in owner:
+            if os.path.samefile(owner[stem], path):
+                continue  # the same image named twice
+            raise ValueError(f"--input: {owner[stem]!r} and {path!r} would both be written as {stem}.png under --out")
+        owner[stem] = path
+        inputs.append((path, stem))
+    if not inputs:
+        raise FileNotFoundError(f"--input {patterns}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    return inputs
+
+
+def save_label_png(path, labels, palette) -> None:
+    """uint8 class ids [H, W] as a palette-indexed PNG (index = class id) with the experiment's colours."""
+    mask = Image.frombytes("P", (labels.shape[1], labels.shape[0]), np.ascontiguousarray(labels, np.uint8).tobytes())
+    mask.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
+    with atomic_path(path) as tmp:
+        mask.save(tmp, format="PNG")
+
+
+def write_outputs(base, image, labels, unc, segmenter, args) -> None:
+    if args.format in ("png", "both"):
+        save_label_png(base + ".png", labels, segmenter.palette)
+    if args.format in ("npy", "both"):
+        atomic_save_npy(base + ".npy", labels)
+    if args.overlay:
+        save_overlay_picture(base + "_overlay.png", image, labels, segmenter.palette, segmenter.class_names)
+    if args.uncertainty:
+        atomic_save_npy(base + "_uncertainty.npy", unc)
+        with atomic_path(base + "_uncertainty.png") as tmp:
+            Image.fromarray(heatmap(unc)).save(tmp, format="PNG")
+
+
+def thumbnail(array, resample):
+    picture = Image.fromarray(array)
+    picture.thumbnail((SUGGEST_THUMBNAIL, SUGGEST_THUMBNAIL), resample)
+    return np.asarray(picture)
+
+
+def write_csv(path, rows, class_names) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "width", "height", "uncertainty_score"] + list(class_names))
+        for row in rows:
+            writer.writerow([row["image"], row["width"], row["height"], repr(row["score"])]
+                            + [f"{share:.6f}" for share in row["shares"]])
+
+
+def predict(args) -> dict:
+    """Segment every input; returns {"rows": per image (input order), "failed": [(path, reason)],
+    "suggested": [paths], "seconds", "images_per_s"}."""
+    if args.batch_size < 1 or args.suggest < 0:
+        raise ValueError(f"--batch_size must be >= 1 and --suggest >= 0, got {args.batch_size}, {args.suggest}")
+    if args.exp and not args.deeplab:
+        raise ValueError("--exp goes with --deeplab; a --run_dir holds its own config")
+    if args.model_path and not args.run_dir:
+        raise ValueError("--model_path goes with --run_dir (the DDPM backbone); a DeepLab needs none")
+    inputs = collect_inputs(args.input, args.out)
+    if args.deeplab:
+        segmenter = DeepLabSegmenter.load(args.deeplab, args.exp, resolve_device(args.device))
+    else:
+        segmenter = Interpreter.load(args.run_dir, args.model_path, args.device)
+    rows, failed, top = [], [], []  # top: heap of the --suggest most uncertain (score, -index, ...)
+    start = time.time()
+    bar = tqdm(total=len(inputs), unit="img", desc="predict", dynamic_ncols=True)
+    for begin in range(0, len(inputs), args.batch_size):
+        batch = []
+        for path, stem in inputs[begin:begin + args.batch_size]:
+            try:
+                batch.append((path, stem, read_image(path)))
+            except ValueError as e:
+                failed.append((path, str(e)))
+                tqdm.write(f"skipped {path}: {e}")
+                bar.update(1)
+        results = segmenter.segment([image for _, _, image in batch]) if batch else []
+        for (path, stem, image), (labels, unc, score) in zip(batch, results):
+            write_outputs(os.path.join(args.out, stem), image, labels, unc, segmenter, args)
+            shares = np.bincount(labels.ravel(), minlength=segmenter.number_class)[:segmenter.number_class] / labels.size
+            rows.append({"image": path, "width": image.shape[1], "height": image.shape[0], "score": score,
+                         "shares": shares.tolist()})
+            if args.suggest:
+                entry = (score, -len(rows), path, thumbnail(image, Image.BILINEAR), thumbnail(labels, Image.NEAREST))
+                (heapq.heappush if len(top) < args.suggest else heapq.heappushpop)(top, entry)
+            bar.update(1)
+    bar.close()
+    seconds = time.time() - start
+    write_csv(os.path.join(args.out, "predictions.csv"), rows, segmenter.class_names)
+    suggested = sorted(top, reverse=True)  # highest score first; among equal scores, input order
+    if args.suggest:
+        with atomic_path(os.path.join(args.out, "suggest.txt")) as tmp, open(tmp, "w") as f:
+            f.writelines(path + "\n" for _, _, path, _, _ in suggested)
+        save_contact_sheet(os.path.join(args.out, "suggest.png"),
+                           [(f"{i + 1}. {score:.4f} {os.path.basename(path)}", image, labels)
+                            for i, (score, _, path, image, labels) in enumerate(suggested)],
+                           segmenter.palette, segmenter.class_names, side=SUGGEST_THUMBNAIL)
+    rate = len(rows) / seconds if rows and seconds > 0 else None
+    print(f"{len(rows)} images segmented in {seconds:.1f} s" + (f": {rate:.3f} images/s" if rate else "")
+          + f"; outputs in {args.out}")
+    for path, reason in failed:
+        print(f"failed: {path}: {reason}")
+    return {"rows": rows, "failed": failed, "suggested": [path for _, _, path, _, _ in suggested],
+            "seconds": seconds, "images_per_s": rate}
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="ddpm-seg predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser)
+    result = predict(parser.parse_args(argv))
+    return 1 if result["failed"] else 0
