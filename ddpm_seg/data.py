@@ -117,7 +117,7 @@ def colours_to_ids(rgb: np.ndarray, palette: np.ndarray, path: str) -> np.ndarra
     ids = np.empty(len(colours), dtype=np.int64)
     for i, code in enumerate(colours):
         matches = np.flatnonzero(palette_codes == code)
-        colour = ((code >> 16) & 255, (code >> 8) & 255, code & 255)
+        colour = (int(code >> 16) & 255, int(code >> 8) & 255, int(code) & 255)
         if matches.size == 0:
             raise ValueError(f"mask {path!r}: colour {colour} ({counts[i]} pixels) is not in the experiment's "
                              f"palette {[tuple(int(v) for v in c) for c in palette]}")
@@ -155,8 +155,8 @@ def read_label(image_path: str, folder: str, image_shape, number_class: int, ign
     if has_npy and has_mask:
         raise ValueError(f"image {image_path!r} has two labels, {npy_path!r} and {mask_path!r}; keep one")
     if not (has_npy or has_mask):
-        raise FileNotFoundError(f"label for image {image_path!r} does not exist (expected {npy_path!r} or "
-                                f"the PNG mask {mask_path!r})")
+        raise FileNotFoundError(f"label {npy_path!r} for image {image_path!r} does not exist, nor the PNG mask "
+                                f"{mask_path!r}")
     if has_mask:
         label_path, label = mask_path, read_mask(mask_path, palette)
     else:

@@ -31,8 +31,8 @@ TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resoluti
             learn_sigma=True, diffusion_steps=100)
 
 
-@pytest.fixture
-def experiment(tmp_path):
+def make_experiment(tmp_path):
+    """The tiny experiment under tmp_path: (config path, config dict)."""
     write_splits(tmp_path / "data", {"train": 4, "test": 3}, size=32, bar=4)
     torch.manual_seed(0)
     model, _ = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **TINY})
@@ -51,3 +51,8 @@ def experiment(tmp_path):
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(cfg))
     return path, cfg
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    return make_experiment(tmp_path)
