@@ -69,25 +69,35 @@ def glob_base(pattern: str) -> str:
 
 
 def collect_inputs(patterns, out_dir) -> list:
-    """[(image path, output stem relative to --out)] in input order; a path matching nothing is an error,
-    as are two inputs that would write the same outputs."""
-    out_dir = os.path.realpath(out_dir)
+    """[(image path, output stem relative to --out)] in input order. A folder gives its images (as
+    list_images: jpg/png, no hidden files) except those under --out, a glob its matching images, a file
+    itself whatever its name. A path matching nothing is an error, as is a file or glob match inside --out
+    (its outputs could overwrite it) and two inputs that would write the same outputs."""
+    out_dir = os.path.realpath(out_dir) + os.sep
     found = []
     for pattern in patterns:
         if os.path.isdir(pattern):
             found += [(p, os.path.relpath(p, pattern)) for p in list_images(pattern)
-                      if not os.path.realpath(p).startswith(out_dir + os.sep)]
-        elif os.path.isfile(pattern):
-            found.append((pattern, os.path.basename(pattern)))
+                      if not os.path.realpath(p).startswith(out_dir)]
+            continue
+        if os.path.isfile(pattern):
+            matches = [(pattern, os.path.basename(pattern))]
         elif glob.has_magic(pattern):
             base = glob_base(pattern)
+            matches = []
             for match in sorted(glob.glob(pattern, recursive=True)):
+                rel = os.path.relpath(match, base)
                 if os.path.isdir(match):
                     found += [(p, os.path.relpath(p, base)) for p in list_images(match)]
-                elif not any(is_hidden(part) for part in os.path.relpath(match, base).split(os.sep)):
-                    found.append((match, os.path.relpath(match, base)))
+                elif match.lower().endswith(IMAGE_EXTENSIONS) and not any(is_hidden(p) for p in rel.split(os.sep)):
+                    matches.append((match, rel))
         else:
             raise FileNotFoundError(f"--input {pattern!r}: no such file or folder, and no glob")
+        inside = [path for path, _ in matches if os.path.realpath(path).startswith(out_dir)]
+        if inside:
+            raise ValueError(f"--input {inside[0]!r} lies inside --out {out_dir[:-1]!r}, where its outputs could "
+                             "overwrite it; choose another --out")
+        found += matches
     inputs, owner = [], {}
     for path, rel in found:
         stem = os.path.splitext(rel)[0]

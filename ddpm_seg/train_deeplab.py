@@ -199,9 +199,11 @@ def _run(cfg, args, rank, world_size, device):
     keep = filter_indices(scores, args.uncertainty_portion, args.drop_most_certain)
     check_labels(labels, keep, num_classes, ignore, data_path)
     size = (res, res)
+    palette = class_table(cfg)[1]  # for colour masks
     val_items = load_labelled_folder(cfg["validation_path"], len(list_images(cfg["validation_path"])), size,
-                                     num_classes, ignore)
-    test_items = load_labelled_folder(cfg["testing_path"], cfg["testing_number"], size, num_classes, ignore)
+                                     num_classes, ignore, palette=palette)
+    test_items = load_labelled_folder(cfg["testing_path"], cfg["testing_number"], size, num_classes, ignore,
+                                      palette=palette)
 
     settings = {"data_path": os.path.abspath(data_path), "max_data": args.max_data,
                 "uncertainty_portion": args.uncertainty_portion, "drop_most_certain": args.drop_most_certain,

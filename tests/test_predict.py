@@ -114,6 +114,9 @@ def test_suggest_lists_the_most_uncertain_first(trained, tmp_path):
     by_score = sorted(rows, key=lambda r: -float(r["uncertainty_score"]))
     assert (tmp_path / "suggest.txt").read_text().splitlines() == [r["image"] for r in by_score[:4]]
     assert Image.open(tmp_path / "suggest.png").height > 4 * 128
+    # An input inside --out could be overwritten by its own mask (train/000.png here): refused.
+    with pytest.raises(ValueError, match="lies inside --out"):
+        predict(run, [tmp_path / "train" / "000.png"], tmp_path)
 
 
 def test_large_images_are_voted_band_by_band_as_one_upsampling(monkeypatch):
