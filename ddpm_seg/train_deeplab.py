@@ -37,8 +37,8 @@ from tqdm import tqdm
 from guided_diffusion.checkpoint import safe_load
 
 from .backbones import image_tensor
-from .config import check_paths, experiment_suffix, load_experiment, run_dir
 from .class_info import class_table
+from .config import check_paths, experiment_suffix, load_experiment, run_dir
 from .data import list_images, load_labelled_folder, resize_image, resize_label, synthetic_dataset_path
 from .deeplab import DEEPLABS, EXPERIMENT_NAME, build_deeplab
 from .evaluate import ConfusionMatrix, iou_metrics
