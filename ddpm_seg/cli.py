@@ -38,13 +38,26 @@ def main(argv=None):
 
 
 def entry():
-    """The console script: a bad input (file, key, value, checkpoint) is one line on stderr, not a traceback."""
+    """The console script: a bad input (file, key, value, checkpoint) or an output that cannot be written is one
+    line on stderr and exit code 2, not a traceback; Ctrl-C says what was saved and exits with 130."""
     from guided_diffusion.checkpoint import CheckpointError
+    from ddpm_seg.utils import WRITE_ERRNOS, Interrupted, WriteError, write_error
 
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
     try:
         return main()
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        command = sys.argv[1] if len(sys.argv) > 1 else ""
+    except KeyboardInterrupt as e:
+        saved = str(e) if isinstance(e, Interrupted) else "files written so far are complete (none is left half-written)"
+        print(f"ddpm-seg {command}: interrupted: {saved}", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:
+            e = write_error(e)
+        elif not isinstance(e, (WriteError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+            raise
+        print(f"ddpm-seg {command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, CheckpointError) as e:
         print(f"ddpm-seg {command}: error: {e}", file=sys.stderr)
         return 2
 

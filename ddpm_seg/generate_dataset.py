@@ -215,7 +215,7 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
                 "samples_per_s": None}
 
     # Features on the full process the ensemble was trained with; sampling on the (maybe respaced) one.
-    extractor = create_feature_extractor(cfg, flags, device, seed=args.seed)
+    extractor = create_feature_extractor(cfg, flags, device, seed=args.seed, config_path=args.exp)
     ensemble = load_ensemble(cfg, ensemble_dir, args.seed, device)
     diffusion = sampling_diffusion(flags)
     chunks = chunk_ranges(opts["num_samples"], opts["batch_size"])

@@ -23,7 +23,8 @@ from .data import load_labelled_folder
 from .ensemble import MLPEnsemble, predict_logits, scaled_lr, train_ensemble
 from .evaluate import ConfusionMatrix, format_iou_table, image_uncertainty_score, majority_vote, uncertainty_map
 from .feature_store import FeatureStore, PixelSampler
-from .utils import atomic_save_npy, atomic_write_json, check_settings, resolve_device, seed_everything
+from .utils import (atomic_save_npy, atomic_write_json, check_settings, check_writable, on_interrupt, resolve_device,
+                    seed_everything)
 from .visualize import save_prediction_picture
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
@@ -87,13 +88,17 @@ def resolve_model_flags(cfg, args, argv):
 
 
 def class_table(cfg):
+    """Class names and palette [K, 3]: the config's own, else its benchmark's (category), else generated ones."""
+    n = cfg["number_class"]
     category = cfg.get("category")
-    if category in dataset_names():
-        info = dataset_info(category)
-        return info["class_names"], info["palette"]
-    names = cfg.get("class_names") or default_class_names(cfg["number_class"])
+    info = dataset_info(category) if category in dataset_names() else None
+    if info is not None and info["number_class"] != n:
+        info = None  # allowed only with the config's own class_names (see config.py)
+    names = cfg.get("class_names") or (info["class_names"] if info else default_class_names(n))
     palette = cfg.get("palette")
-    return names, (np.array(palette, dtype=np.uint8).reshape(-1, 3) if palette else default_palette(cfg["number_class"]))
+    if palette:
+        return names, np.array(palette, dtype=np.uint8).reshape(-1, 3)
+    return names, (info["palette"] if info else default_palette(n))
 
 
 def iou_metrics(matrix, cfg):
@@ -178,6 +183,21 @@ def evaluate(extractor, ensemble, items, cfg, folder, pictures=True):
     }
 
 
+def interrupted_note(cfg, folder, store_root):
+    """What a stopped run leaves for the next one: saved members, and the cached features of a disk store."""
+    saved = [m for m in range(cfg["model_num"]) if os.path.exists(member_path(folder, m))]
+    cached = " and the features extracted so far (disk store)" if os.path.isdir(store_root) else ""
+    return (f"{len(saved)} of {cfg['model_num']} members saved in {folder}{cached}; "
+            "run the same command again to resume")
+
+
+def parse_seeds(text):
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds must be a comma list of integers like 0,1,2, got {text!r}") from None
+
+
 def run(cfg, exp_path, model_flags, args):
     """Train what is missing, then evaluate; returns the metrics dict also written to metrics.json."""
     seed_everything(args.seed)
@@ -188,9 +208,14 @@ def run(cfg, exp_path, model_flags, args):
     if batch_size < 2:
         raise ValueError(f"--batch_size must be at least 2 (batch norm needs 2 pixels), got {batch_size}")
     lr = scaled_lr(batch_size) if args.lr is None else args.lr
+    if not lr > 0:
+        raise ValueError(f"--lr must be positive, got {lr}")
 
-    # Everything that can fail on bad input (config, labels, feature size) happens before the first write.
-    extractor = create_feature_extractor(cfg, model_flags, device, seed=args.seed, random_init=args.random_init)
+    # Everything that can fail on bad input (config, labels, feature size, an unwritable folder) happens
+    # before the first write, so a corrected rerun is not refused for "other settings".
+    check_writable(folder)
+    extractor = create_feature_extractor(cfg, model_flags, device, seed=args.seed, random_init=args.random_init,
+                                         config_path=exp_path)
     test_items = load_split(cfg, "test")
     todo = [m for m in range(cfg["model_num"]) if not os.path.exists(member_path(folder, m))]
     if args.eval_only and todo:
@@ -212,19 +237,20 @@ def run(cfg, exp_path, model_flags, args):
 
         start = time.time()
         store_root = os.path.join(folder, "features")
-        store = extract_training_store(extractor, train_items, first_maps, args, store_root)
-        timings["extract_train_s"] = time.time() - start
-        sampler = training_sampler(cfg, train_items)
-        print(f"{len(train_items)} training images, {len(sampler)} labelled pixels, {store.num_features} features "
-              f"per pixel, store {store.nbytes / 2**30:.2f} GiB ({'disk' if store.root else 'RAM'}); "
-              f"training members {todo}, batch {batch_size}, lr {lr:g}")
-        start = time.time()
-        # A RAM store goes to the GPU whole for fast gathers; a disk store was chosen because it does not fit.
-        on_device = store if device.type == "cpu" or store.root else store.to(device)
-        train_ensemble(ensemble, on_device, sampler, seed=args.seed,
-                       batch_size=batch_size, lr=lr, members=todo, device=device,
-                       matmul_dtype=AUTOCAST[args.autocast],
-                       on_member_done=lambda m: ensemble.save_member(member_path(folder, m), m))
+        with on_interrupt(lambda: interrupted_note(cfg, folder, store_root)):
+            store = extract_training_store(extractor, train_items, first_maps, args, store_root)
+            timings["extract_train_s"] = time.time() - start
+            sampler = training_sampler(cfg, train_items)
+            print(f"{len(train_items)} training images, {len(sampler)} labelled pixels, {store.num_features} features "
+                  f"per pixel, store {store.nbytes / 2**30:.2f} GiB ({'disk' if store.root else 'RAM'}); "
+                  f"training members {todo}, batch {batch_size}, lr {lr:g}")
+            start = time.time()
+            # A RAM store goes to the GPU whole for fast gathers; a disk store was chosen because it does not fit.
+            on_device = store if device.type == "cpu" or store.root else store.to(device)
+            train_ensemble(ensemble, on_device, sampler, seed=args.seed,
+                           batch_size=batch_size, lr=lr, members=todo, device=device,
+                           matmul_dtype=AUTOCAST[args.autocast],
+                           on_member_done=lambda m: ensemble.save_member(member_path(folder, m), m))
         timings["train_ensemble_s"] = time.time() - start
         del store
         shutil.rmtree(store_root, ignore_errors=True)  # a cache for resuming; the members are what we keep
@@ -249,7 +275,7 @@ def main(argv):
     args = parser.parse_args(argv)
     cfg = load_experiment(args.exp)
     flags = resolve_model_flags(cfg, args, argv)
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
     if len(seeds) > 1 and args.run_dir:
         raise ValueError("--run_dir names one folder; it cannot be combined with several --seeds")
     results = {}
