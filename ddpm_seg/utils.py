@@ -193,23 +193,34 @@ def atomic_open(path: str, mode: str = "wb"):
         yield f
 
 
-def _save_through_writer(save, path: str) -> None:
-    with atomic_open(path) as f:
-        writer = _Writer(f)
-        try:
-            save(writer)
-        except (RuntimeError, OSError):
-            if writer.error is not None:
-                raise writer.error from None
-            raise
+def _write_through(save, f) -> None:
+    writer = _Writer(f)
+    try:
+        save(writer)
+    except (RuntimeError, OSError):
+        if writer.error is not None:
+            raise writer.error from None
+        raise
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    _save_through_writer(lambda f: torch.save(obj, f), path)
+    with atomic_open(path) as f:
+        _write_through(lambda w: torch.save(obj, w), f)
+
+
+def atomic_torch_save_set(items) -> None:
+    """torch.save each (obj, path) of `items` as one set: all go to temporary files first, then they are renamed
+    in reverse order, so the first path appears only once the others are in place (and not at all if any
+    write fails). A reader that sees the first file can rely on the rest of the set."""
+    with contextlib.ExitStack() as stack:
+        for obj, path in items:
+            f = stack.enter_context(atomic_open(path))
+            _write_through(lambda w: torch.save(obj, w), f)
 
 
 def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    _save_through_writer(lambda f: np.save(f, array), path)
+    with atomic_open(path) as f:
+        _write_through(lambda w: np.save(w, array), f)
 
 
 def read_text(path: str) -> str:
