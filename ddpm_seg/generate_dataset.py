@@ -21,7 +21,9 @@ k % world_size == r (nccl on CUDA, gloo on CPU) and rank 0 merges them once all 
 """
 
 import argparse
+import contextlib
 import os
+import socket
 import sys
 import time
 
@@ -41,9 +43,10 @@ from .config import check_paths, load_experiment, run_dir
 from .ensemble import MLPEnsemble, predict_logits
 from .evaluate import image_uncertainty_score, majority_vote, uncertainty_map
 from .train_interpreter import member_path, resolve_model_flags
-from .utils import atomic_path, check_settings, derive_seed, distributed
+from .utils import atomic_path, check_settings, check_writable, derive_seed, distributed, on_interrupt
 
 INDEX_NAME = "index.json"
+LOCK_NAME = "lock"
 
 
 def sampling_defaults():
@@ -164,6 +167,62 @@ def merge_shards(folder: str, chunks: list, out_path: str) -> None:
         os.remove(chunk_path(folder, k))
 
 
+def _owner_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str):
+    """Hold <folder>/lock (holding this process's pid and host) while this run works in `folder`.
+
+    A second run into the same folder would otherwise wait forever for chunks the first one merges and
+    deletes; it is refused at once instead. A lock whose process is gone (killed, crashed) is taken over."""
+    path = os.path.join(folder, LOCK_NAME)
+    me = f"{os.getpid()} {socket.gethostname()}\n"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid, host = f.read().split()
+                pid = int(pid)
+            except (OSError, ValueError):
+                continue  # removed or being written just now: try again
+            if host == socket.gethostname() and not _owner_alive(pid):
+                print(f"{path}: removing the stale lock of process {pid}, which no longer runs", file=sys.stderr)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            raise ValueError(f"{folder} is in use by another generate-dataset run (process {pid} on {host}, lock "
+                             f"{path}); wait for it to finish, or delete the lock if that process is gone") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def split_finished_file(out_path: str, folder: str, chunks: list) -> None:
+    """Turn the samples of an earlier, smaller finished run back into chunks, so that a larger --num_samples
+    only makes the samples it lacks (a last, partial chunk is made again at its new size)."""
+    with np.load(out_path) as npz:
+        images, labels, scores = (npz[k] for k in ("arr_0", "arr_1", "arr_2"))
+    for k, (start, end) in enumerate(chunks):
+        if end <= len(images) and not os.path.isfile(chunk_path(folder, k)):
+            save_chunk(chunk_path(folder, k), range(start, end), images[start:end], labels[start:end],
+                       scores[start:end])
+
+
 def load_ensemble(cfg, folder, seed, device):
     ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=seed).to(device)
     for m in range(cfg["model_num"]):
@@ -205,20 +264,41 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
     size = tuple(cfg["dim"][:2])
     out_path = output_path(args.out_dir or ensemble_dir, size)
     folder = shard_dir(out_path)
-    settings = {**opts, "seed": args.seed, "exp": cfg, "model_flags": flags,
-                "ensemble_dir": os.path.abspath(ensemble_dir)}
-    os.makedirs(folder, exist_ok=True)
-    check_settings(os.path.join(folder, INDEX_NAME), settings, write=rank == 0)
-    if os.path.isfile(out_path):
-        print(f"{out_path} is complete; nothing to do")
-        return {"path": out_path, "num_samples": opts["num_samples"], "new_samples": 0, "seconds": 0.0,
-                "samples_per_s": None}
-
+    # num_samples is left out: sample i does not depend on it, so a finished run can be extended.
+    settings = {**{k: v for k, v in opts.items() if k != "num_samples"}, "seed": args.seed, "exp": cfg,
+                "model_flags": flags, "ensemble_dir": os.path.abspath(ensemble_dir)}
     # Features on the full process the ensemble was trained with; sampling on the (maybe respaced) one.
+    # Both are built before anything is written, so a wrong --seed or --run_dir leaves no folder behind.
     extractor = create_feature_extractor(cfg, flags, device, seed=args.seed, config_path=args.exp)
     ensemble = load_ensemble(cfg, ensemble_dir, args.seed, device)
     diffusion = sampling_diffusion(flags)
     chunks = chunk_ranges(opts["num_samples"], opts["batch_size"])
+    if rank == 0:
+        check_writable(folder)
+    with folder_lock(folder) if rank == 0 else contextlib.nullcontext():
+        with on_interrupt(lambda: interrupted_note(folder, chunks)):
+            return _generate(extractor, ensemble, diffusion, settings, opts, chunks, out_path, folder, size, rank,
+                             world_size)
+
+
+def interrupted_note(folder, chunks):
+    done = sum(os.path.isfile(chunk_path(folder, k)) for k in range(len(chunks)))
+    return f"{done} of {len(chunks)} chunks saved in {folder}; run the same command again to resume"
+
+
+def _generate(extractor, ensemble, diffusion, settings, opts, chunks, out_path, folder, size, rank, world_size):
+    check_settings(os.path.join(folder, INDEX_NAME), settings, write=rank == 0)
+    if os.path.isfile(out_path):
+        with np.load(out_path) as npz:
+            finished = len(npz["arr_1"])
+        if finished == opts["num_samples"]:
+            print(f"{out_path} is complete ({finished} samples); nothing to do")
+            return {"path": out_path, "num_samples": opts["num_samples"], "new_samples": 0, "seconds": 0.0,
+                    "samples_per_s": None}
+        if finished > opts["num_samples"]:
+            raise ValueError(f"{out_path} already holds {finished} samples, more than --num_samples "
+                             f"{opts['num_samples']}; use its first {opts['num_samples']} or another --out_dir")
+        split_finished_file(out_path, folder, chunks)  # on every rank: chunk files are written atomically
     missing = [k for k in range(len(chunks)) if not os.path.isfile(chunk_path(folder, k))]
     mine = [k for k in missing if k % world_size == rank]
     new_samples = sum(chunks[k][1] - chunks[k][0] for k in missing)
