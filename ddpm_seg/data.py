@@ -1,6 +1,7 @@
 """Labelled image folders in the official layout: images found recursively, a `<stem>.npy` label beside each."""
 
 import os
+import zipfile
 import warnings
 from dataclasses import dataclass
 
@@ -61,8 +62,13 @@ def read_label(label_path: str, image_path: str, image_shape, number_class: int,
         raise FileNotFoundError(f"label {label_path!r} for image {image_path!r} does not exist (expected <stem>.npy beside the image)")
     try:
         label = np.load(label_path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"cannot read label {label_path!r}: {e}") from None
+    if not isinstance(label, np.ndarray):  # np.load reads by content: an .npz archive saved under a .npy name
+        files = label.files
+        label.close()
+        raise ValueError(f"label {label_path!r} is an .npz archive (arrays {files}); expected one array saved "
+                         "with np.save")
     if label.ndim != 2 or label.shape != tuple(image_shape[:2]):
         raise ValueError(
             f"label {label_path!r} has shape {label.shape} but its image {image_path!r} is {tuple(image_shape[:2])}"
