@@ -153,6 +153,7 @@ class FeatureStore:
                     raise ValueError(f"{path}: expected a {_DTYPES[self.dtype][0]} array of shape {shape}, found size {size}")
         else:
             check_writable(root)
+            os.makedirs(root, exist_ok=True)
         self._reserve(paths, [int(np.prod(shape)) * np.dtype(np_dtype).itemsize for shape in shapes], exists)
         tables = []
         for path, shape in zip(paths, shapes):

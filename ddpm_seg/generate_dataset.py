@@ -275,6 +275,7 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
     chunks = chunk_ranges(opts["num_samples"], opts["batch_size"])
     if rank == 0:
         check_writable(folder)
+    os.makedirs(folder, exist_ok=True)
     with folder_lock(folder) if rank == 0 else contextlib.nullcontext():
         with on_interrupt(lambda: interrupted_note(folder, chunks)):
             return _generate(extractor, ensemble, diffusion, settings, opts, chunks, out_path, folder, size, rank,

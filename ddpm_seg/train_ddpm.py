@@ -252,7 +252,7 @@ def saved_steps(out_dir):
 def remove_stale_files(out_dir):
     """Temporary files of saves that were killed, and EMA/optimizer files whose model file never appeared."""
     models = set(saved_steps(out_dir))
-    for name in os.listdir(out_dir):
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
         stale_tmp = re.fullmatch(r"\.(model|ema_|opt).*\.tmp", name)
         orphan = re.fullmatch(r"(ema_[^_]+_|opt)(\d+)\.pt", name)
         if stale_tmp or (orphan and int(orphan.group(2)) not in models):

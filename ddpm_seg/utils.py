@@ -114,10 +114,13 @@ def write_error(e: OSError, path: str = None) -> WriteError:
 
 
 def check_writable(folder: str) -> None:
-    """Create `folder` if needed and prove a file can be written in it, before any long work starts."""
+    """Prove, before long work starts, that a file can be created in `folder` (or, while it does not exist yet,
+    in its nearest existing parent, where it will be created); nothing is left behind."""
+    probe_dir = os.path.abspath(folder)
+    while not os.path.isdir(probe_dir) and os.path.dirname(probe_dir) != probe_dir:
+        probe_dir = os.path.dirname(probe_dir)
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=probe_dir)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
