@@ -153,7 +153,6 @@ class FeatureStore:
                     raise ValueError(f"{path}: expected a {_DTYPES[self.dtype][0]} array of shape {shape}, found size {size}")
         else:
             check_writable(root)
-            os.makedirs(root, exist_ok=True)
         self._reserve(paths, [int(np.prod(shape)) * np.dtype(np_dtype).itemsize for shape in shapes], exists)
         tables = []
         for path, shape in zip(paths, shapes):
@@ -180,6 +179,7 @@ class FeatureStore:
                              f"the disk has {format_bytes(free)} free; free some space, or use --store ram if the "
                              "features fit in memory")
         created = []
+        os.makedirs(root, exist_ok=True)
         try:
             for path, size in zip(paths, sizes):
                 if not os.path.exists(path):
