@@ -37,6 +37,13 @@ def main(argv=None):
     return module.main(argv[1:]) or 0
 
 
+def _close_progress_bars():
+    """Bars an exception left open would otherwise be redrawn after the error line, when garbage-collected."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def entry():
     """The console script: a bad input (file, key, value, checkpoint) or an output that cannot be written is one
     line on stderr and exit code 2, not a traceback; Ctrl-C says what was saved and exits with 130."""
@@ -47,6 +54,7 @@ def entry():
     try:
         return main()
     except KeyboardInterrupt as e:
+        _close_progress_bars()
         saved = str(e) if isinstance(e, Interrupted) else "files written so far are complete (none is left half-written)"
         print(f"ddpm-seg {command}: interrupted: {saved}", file=sys.stderr)
         return 130
@@ -55,9 +63,11 @@ def entry():
             e = write_error(e)
         elif not isinstance(e, (WriteError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
             raise
+        _close_progress_bars()
         print(f"ddpm-seg {command}: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, CheckpointError) as e:
+        _close_progress_bars()
         print(f"ddpm-seg {command}: error: {e}", file=sys.stderr)
         return 2
 
