@@ -11,7 +11,9 @@ layout, <out_dir>/samples_<H>x<W>x3.npz with
 Samples are made in chunks of --batch_size consecutive indices, and each finished chunk is written
 to <out_dir>/samples_<H>x<W>x3_shards/chunk_<k>.npz beside an index.json of the settings: a stopped
 run resumes with the chunks it lacks, and one started with other settings is refused. The shards are
-merged into the final file at the end.
+merged into the final file at the end; a later run with a larger --num_samples adds the missing samples
+to it. A lock file in the shards folder (holding the owner's pid) refuses a second run into the same
+folder at once; a lock whose process is gone is taken over.
 
 Reproducibility: sample i draws its starting noise and every ancestral step's noise from its own
 generator seeded with (sample_seed, i), and a chunk is the same batch whatever the number of

@@ -8,6 +8,8 @@ side load into the other:
     model_flags.json              the model+diffusion flags that built the model
 Here `step` counts completed updates (model000100.pt holds the weights after 100 updates), and
 resuming from model{step}.pt continues from that step with the EMA and optimizer saved beside it.
+The three are published as a set (model file last), so a kill while saving leaves no partial set; a
+rerun into an --out_dir that holds checkpoints resumes from its last complete set.
 
 The data order, timesteps, noise and flips are functions of (seed, step, rank) alone, so a run that
 is stopped and resumed follows the same trajectory as one that is not.
