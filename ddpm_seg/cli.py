@@ -1,6 +1,7 @@
 """The `ddpm-seg` command: one subcommand per job, each a thin layer over a module's function."""
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -59,7 +60,9 @@ def entry():
         print(f"ddpm-seg {command}: interrupted: {saved}", file=sys.stderr)
         return 130
     except OSError as e:
-        if e.errno in WRITE_ERRNOS:
+        if e.errno in (errno.EACCES, errno.EPERM) and not isinstance(e, WriteError):
+            e = f"{e.filename or 'a file'}: permission denied; check its permissions"  # a read or a write
+        elif e.errno in WRITE_ERRNOS:
             e = write_error(e)
         elif not isinstance(e, (WriteError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
             raise

@@ -153,7 +153,7 @@ class FeatureStore:
                     raise ValueError(f"{path}: expected a {_DTYPES[self.dtype][0]} array of shape {shape}, found size {size}")
         else:
             check_writable(root)
-        self._reserve(paths, [int(np.prod(shape)) * np.dtype(np_dtype).itemsize for shape in shapes], exists)
+        self._reserve(paths, [int(np.prod(shape)) * np.dtype(np_dtype).itemsize for shape in shapes])
         tables = []
         for path, shape in zip(paths, shapes):
             mm = np.memmap(path, dtype=np_dtype, mode="r+", shape=shape)
@@ -164,7 +164,7 @@ class FeatureStore:
         return tables
 
     @staticmethod
-    def _reserve(paths, sizes, exists):
+    def _reserve(paths, sizes):
         """Allocate the table files' blocks on disk before they are memory-mapped.
 
         Writing through a memory map to a disk that has run out of space does not fail with an error: the
@@ -182,9 +182,10 @@ class FeatureStore:
         os.makedirs(root, exist_ok=True)
         try:
             for path, size in zip(paths, sizes):
-                if not os.path.exists(path):
+                new = not os.path.exists(path)
+                if new:
                     created.append(path)
-                with open(path, "r+b" if os.path.exists(path) else "w+b") as f:
+                with open(path, "w+b" if new else "r+b") as f:
                     try:
                         os.posix_fallocate(f.fileno(), 0, size)
                     except OSError as e:

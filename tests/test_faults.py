@@ -179,6 +179,17 @@ def test_enospc_reaching_the_cli_is_one_line(monkeypatch, capsys):
     assert line.startswith("ddpm-seg train-ddpm: error: cannot write /data/runs/x/train_log.jsonl: no space left on the device")
 
 
+def test_permission_denied_on_a_read_is_not_called_a_write(monkeypatch, capsys):
+    def fail(argv=None):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/ckpt/ema.pt")
+
+    monkeypatch.setattr(cli, "main", fail)
+    code, err = run_cli(monkeypatch, capsys, "train-interpreter")
+    assert code == 2
+    assert one_error_line(err, "train-interpreter") == \
+        "ddpm-seg train-interpreter: error: /data/ckpt/ema.pt: permission denied; check its permissions"
+
+
 # ---- 4. read-only output folders ----
 
 def _tiny_images(folder, n=2):
