@@ -183,10 +183,10 @@ def evaluate(extractor, ensemble, items, cfg, folder, pictures=True):
     }
 
 
-def interrupted_note(cfg, folder, store_root):
+def interrupted_note(cfg, folder):
     """What a stopped run leaves for the next one: saved members, and the cached features of a disk store."""
     saved = [m for m in range(cfg["model_num"]) if os.path.exists(member_path(folder, m))]
-    cached = " and the features extracted so far (disk store)" if os.path.isdir(store_root) else ""
+    cached = " and the features extracted so far (disk store)" if os.path.isdir(os.path.join(folder, "features")) else ""
     return (f"{len(saved)} of {cfg['model_num']} members saved in {folder}{cached}; "
             "run the same command again to resume")
 
@@ -226,6 +226,7 @@ def run(cfg, exp_path, model_flags, args):
         train_items = load_split(cfg, "train")
         first_maps = extractor(train_items[0].image)
         check_feature_size(cfg, first_maps, exp_path)
+        sampler = training_sampler(cfg, train_items)  # refuses labels with fewer than 2 labelled pixels
         os.makedirs(folder, exist_ok=True)
         # Members and the feature cache are only resumed with the settings that made them.
         check_settings(os.path.join(folder, "settings.json"),
@@ -237,20 +238,18 @@ def run(cfg, exp_path, model_flags, args):
 
         start = time.time()
         store_root = os.path.join(folder, "features")
-        with on_interrupt(lambda: interrupted_note(cfg, folder, store_root)):
-            store = extract_training_store(extractor, train_items, first_maps, args, store_root)
-            timings["extract_train_s"] = time.time() - start
-            sampler = training_sampler(cfg, train_items)
-            print(f"{len(train_items)} training images, {len(sampler)} labelled pixels, {store.num_features} features "
-                  f"per pixel, store {store.nbytes / 2**30:.2f} GiB ({'disk' if store.root else 'RAM'}); "
-                  f"training members {todo}, batch {batch_size}, lr {lr:g}")
-            start = time.time()
-            # A RAM store goes to the GPU whole for fast gathers; a disk store was chosen because it does not fit.
-            on_device = store if device.type == "cpu" or store.root else store.to(device)
-            train_ensemble(ensemble, on_device, sampler, seed=args.seed,
-                           batch_size=batch_size, lr=lr, members=todo, device=device,
-                           matmul_dtype=AUTOCAST[args.autocast],
-                           on_member_done=lambda m: ensemble.save_member(member_path(folder, m), m))
+        store = extract_training_store(extractor, train_items, first_maps, args, store_root)
+        timings["extract_train_s"] = time.time() - start
+        print(f"{len(train_items)} training images, {len(sampler)} labelled pixels, {store.num_features} features "
+              f"per pixel, store {store.nbytes / 2**30:.2f} GiB ({'disk' if store.root else 'RAM'}); "
+              f"training members {todo}, batch {batch_size}, lr {lr:g}")
+        start = time.time()
+        # A RAM store goes to the GPU whole for fast gathers; a disk store was chosen because it does not fit.
+        on_device = store if device.type == "cpu" or store.root else store.to(device)
+        train_ensemble(ensemble, on_device, sampler, seed=args.seed,
+                       batch_size=batch_size, lr=lr, members=todo, device=device,
+                       matmul_dtype=AUTOCAST[args.autocast],
+                       on_member_done=lambda m: ensemble.save_member(member_path(folder, m), m))
         timings["train_ensemble_s"] = time.time() - start
         del store
         shutil.rmtree(store_root, ignore_errors=True)  # a cache for resuming; the members are what we keep
@@ -281,7 +280,9 @@ def main(argv):
     results = {}
     for seed in seeds:
         args.seed = seed
-        results[seed] = run(cfg, args.exp, flags, args)["miou"]
+        folder = args.run_dir or run_dir(cfg, seed, args.random_init)
+        with on_interrupt(lambda: interrupted_note(cfg, folder)):
+            results[seed] = run(cfg, args.exp, flags, args)["miou"]
     if len(seeds) > 1:
         values = np.array(list(results.values())) * 100
         print(f"mIoU over seeds {seeds}: {values.mean():.2f} ± {values.std(ddof=1):.2f}")
