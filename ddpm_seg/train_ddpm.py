@@ -399,7 +399,7 @@ def _run(opts, rank, world_size, device):
             loss_sum, loss_count = loss_sum + loss, loss_count + 1
             if rank == 0 and step % opts.log_interval == 0:
                 mean = float(loss_sum) / loss_count
-                bar.set_postfix(loss=f"{mean:.4f}")
+                bar.set_postfix(loss=f"{mean:.4f}", refresh=False)  # shown at the next rate-limited redraw
                 with open(out["log"], "a") as f:
                     f.write(json.dumps({"step": step, "loss": mean, "lr": opt.param_groups[0]["lr"]}) + "\n")
                 loss_sum, loss_count = 0.0, 0
