@@ -186,27 +186,36 @@ def folder_lock(folder: str):
     A second run into the same folder would otherwise wait forever for chunks the first one merges and
     deletes; it is refused at once instead. A lock whose process is gone (killed, crashed) is taken over."""
     path = os.path.join(folder, LOCK_NAME)
-    me = f"{os.getpid()} {socket.gethostname()}\n"
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
+    host = socket.gethostname()
+    # The lock appears with its content (a hard link of a written file), so a reader never sees it empty.
+    mine = f"{path}.{os.getpid()}.tmp"
+    with open(mine, "w") as f:
+        f.write(f"{os.getpid()} {host}\n")
+    try:
+        while True:
             try:
-                with open(path) as f:
-                    pid, host = f.read().split()
-                pid = int(pid)
-            except (OSError, ValueError):
-                continue  # removed or being written just now: try again
-            if host == socket.gethostname() and not _owner_alive(pid):
-                print(f"{path}: removing the stale lock of process {pid}, which no longer runs", file=sys.stderr)
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-                continue
-            raise ValueError(f"{folder} is in use by another generate-dataset run (process {pid} on {host}, lock "
-                             f"{path}); wait for it to finish, or delete the lock if that process is gone") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(me)
+                os.link(mine, path)
+                break
+            except FileExistsError:
+                try:
+                    with open(path) as f:
+                        owner, owner_host = f.read().split()
+                    owner = int(owner)
+                except FileNotFoundError:
+                    continue  # released just now: try again
+                except ValueError:
+                    raise ValueError(f"{path}: a lock file that names no owner process; delete it if no other "
+                                     "generate-dataset run works in this folder") from None
+                if owner_host == host and not _owner_alive(owner):
+                    print(f"{path}: removing the stale lock of process {owner}, which no longer runs", file=sys.stderr)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                    continue
+                raise ValueError(f"{folder} is in use by another generate-dataset run (process {owner} on "
+                                 f"{owner_host}, lock {path}); wait for it to finish, or delete the lock if that "
+                                 "process is gone") from None
+    finally:
+        os.remove(mine)
     try:
         yield
     finally:
