@@ -156,6 +156,8 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str
     report = mismatch_report(expected, state_dict)
     if report:
         causes = hints(expected, state_dict) if hints else []
+        if causes and not set(expected) & set(state_dict):  # nothing in common: key listings would only be noise
+            raise CheckpointError(f"{source!r} cannot be loaded: {causes[0]}")
         message = f"{source!r} does not match the model it is loaded into:\n" + report
         if causes:
             message += "\n  probable cause:\n    " + "\n    ".join(causes)

@@ -301,7 +301,9 @@ def test_a_resnet_state_dict_is_not_called_a_unet_with_other_flags(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_ddpm(str(path), TINY_UNET)
     message = str(err.value)
-    assert "this is not a guided-diffusion UNet checkpoint: none of its 122 keys (e.g. conv1.weight" in message
+    assert message == (f"{str(path)!r} cannot be loaded: this is not a guided-diffusion UNet checkpoint: none of its "
+                       "122 keys (e.g. conv1.weight, bn1.weight, bn1.bias) belongs to one (time_embed, input_blocks, "
+                       "middle_block, output_blocks, out)")
     assert "try --" not in message and "check --" not in message
 
 
