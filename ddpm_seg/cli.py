@@ -1,6 +1,7 @@
 """The `ddpm-seg` command: one subcommand per job, each a thin layer over a module's function."""
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -39,14 +40,39 @@ def main(argv=None):
     return module.main(argv[1:]) or 0
 
 
-def entry():
-    """The console script: a bad input (file, key, value, checkpoint) is one line on stderr, not a traceback."""
-    from guided_diffusion.checkpoint import CheckpointError
+def _close_progress_bars():
+    """Bars an exception left open would otherwise be redrawn after the error line, when garbage-collected."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
+
+def entry():
+    """The console script: a bad input (file, key, value, checkpoint) or an output that cannot be written is one
+    line on stderr and exit code 2, not a traceback; Ctrl-C says what was saved and exits with 130."""
+    from guided_diffusion.checkpoint import CheckpointError
+    from ddpm_seg.utils import WRITE_ERRNOS, Interrupted, WriteError, write_error
+
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
     try:
         return main()
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        command = sys.argv[1] if len(sys.argv) > 1 else ""
+    except KeyboardInterrupt as e:
+        _close_progress_bars()
+        saved = str(e) if isinstance(e, Interrupted) else "files written so far are complete (none is left half-written)"
+        print(f"ddpm-seg {command}: interrupted: {saved}", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM) and not isinstance(e, WriteError):
+            e = f"{e.filename or 'a file'}: permission denied; check its permissions"  # a read or a write
+        elif e.errno in WRITE_ERRNOS:
+            e = write_error(e)
+        elif not isinstance(e, (WriteError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+            raise
+        _close_progress_bars()
+        print(f"ddpm-seg {command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, CheckpointError) as e:
+        _close_progress_bars()
         print(f"ddpm-seg {command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -5,6 +5,7 @@ import os
 from guided_diffusion.checkpoint import read_model_flags
 from guided_diffusion.script_util import args_to_dict, model_and_diffusion_defaults
 
+from .class_info import dataset_info, dataset_names
 from .utils import read_json_object
 
 # key -> (expected type, required). The original files carry a few keys the code never reads
@@ -46,6 +47,30 @@ def _check_int_list(path, key, value, length=None):
         raise ValueError(f"{path}: {key!r} must not contain negative values, got {value!r}")
 
 
+def _ascending(path, key, values):
+    """`values` with repeats refused and integers sorted: the original extractor reads output blocks in index
+    order, so [5, 2] and [2, 5] are the same features (and the same run folder). Other entries (a backbone's
+    module names) keep their order."""
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{path}: {key!r} lists {', '.join(repeated)} more than once ({values}); name each entry once")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return sorted(values)
+    return list(values)
+
+
+def _check_class_names(cfg, path):
+    """A benchmark's class table (category) applies only to its own number of classes; a config that keeps the
+    category with another number_class must bring its own class_names, which then win."""
+    category = cfg.get("category")
+    if category not in dataset_names() or "class_names" in cfg:
+        return
+    info = dataset_info(category)
+    if info["number_class"] != cfg["number_class"]:
+        raise ValueError(f"{path}: category {category!r} has {info['number_class']} classes but number_class is "
+                         f"{cfg['number_class']}; add 'class_names' ({cfg['number_class']} names) or fix number_class")
+
+
 def validate_experiment(cfg: dict, path: str = "<config>") -> dict:
     unknown = sorted(set(cfg) - set(EXPERIMENT_KEYS))
     if unknown:
@@ -60,6 +85,8 @@ def validate_experiment(cfg: dict, path: str = "<config>") -> dict:
     _check_int_list(path, "dim", cfg["dim"], length=3)
     _check_int_list(path, "steps", cfg["steps"])
     _check_int_list(path, "blocks", cfg["blocks"])
+    cfg["steps"] = _ascending(path, "steps", cfg["steps"])
+    cfg["blocks"] = _ascending(path, "blocks", cfg["blocks"])
     if min(cfg["dim"]) <= 0:
         raise ValueError(f"{path}: 'dim' entries must be positive, got {cfg['dim']}")
     for key in ("number_class", "model_num", "batch_size", "training_number", "testing_number"):
@@ -72,12 +99,15 @@ def validate_experiment(cfg: dict, path: str = "<config>") -> dict:
     if palette is not None and (len(palette) != 3 * cfg["number_class"]
                                 or not all(isinstance(v, int) and 0 <= v <= 255 for v in palette)):
         raise ValueError(f"{path}: 'palette' must hold 3 x number_class = {3 * cfg['number_class']} values in 0..255")
+    _check_class_names(cfg, path)
     if cfg["upsample_mode"] != "bilinear":
         raise ValueError(f"{path}: upsample_mode {cfg['upsample_mode']!r} is not supported; use 'bilinear'")
     return cfg
 
 
 def load_experiment(path: str) -> dict:
+    if os.path.isdir(path):
+        raise ValueError(f"experiment config {path!r} is a folder; expected a JSON file such as {os.path.join(path, 'ddpm.json')}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"experiment config {path!r} does not exist (expected experiments/<dataset>/<method>.json)")
     return validate_experiment(read_json_object(path, "experiment settings"), path)

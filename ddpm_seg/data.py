@@ -3,6 +3,7 @@
 
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,8 +164,13 @@ def read_label(image_path: str, folder: str, image_shape, number_class: int, ign
         label_path = npy_path
         try:
             label = np.load(npy_path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"cannot read label {npy_path!r}: {e}") from None
+        if not isinstance(label, np.ndarray):  # np.load reads by content: an .npz archive saved under a .npy name
+            files = label.files
+            label.close()
+            raise ValueError(f"label {npy_path!r} is an .npz archive (arrays {files}); expected one array saved "
+                             "with np.save")
     if label.ndim != 2 or label.shape != tuple(image_shape[:2]):
         raise ValueError(
             f"label {label_path!r} has shape {label.shape} but its image {image_path!r} is {tuple(image_shape[:2])}"

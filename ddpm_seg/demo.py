@@ -8,7 +8,6 @@
 """
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -42,9 +41,9 @@ def ensure_ddpm(cfg, flags, training, data_dir, seed, device):
         print(f"using the cached demo DDPM {model_path}")
         return
     out_dir = os.path.dirname(model_path)
-    done = sorted(glob.glob(os.path.join(out_dir, "model[0-9]*.pt")))
+    # train-ddpm resumes from the last complete checkpoint set in out_dir by itself.
     opts = {**train_ddpm_defaults(), **flags, **training, "data_dir": data_dir, "out_dir": out_dir, "seed": seed,
-            "device": device, "resume_checkpoint": done[-1] if done else ""}
+            "device": device}
     print(f"training the demo DDPM ({training['max_steps']} steps) on {data_dir} -> {out_dir}")
     result = train_ddpm(opts)
     # The final EMA under a fixed name (beside model_flags.json) is what the experiment config points at.

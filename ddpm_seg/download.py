@@ -11,6 +11,7 @@ extracted into a temporary folder beside their target, moved into place, then de
 """
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import json
@@ -101,12 +102,15 @@ def _download_to_part(url: str, part: str) -> None:
         bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                    desc=os.path.basename(part)[: -len(".part")], disable=None)
         with open(part, "ab" if offset else "wb") as f, bar:
-            try:
-                while chunk := response.read(CHUNK):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            except (OSError, http.client.HTTPException) as e:  # reset, timeout: what arrived stays in the part
-                raise DownloadError(f"transfer from {url} broke off ({e}); run the same command again to resume") from e
+            while True:
+                try:
+                    chunk = response.read(CHUNK)
+                except (OSError, http.client.HTTPException) as e:  # reset, timeout: what arrived stays in the part
+                    raise DownloadError(f"transfer from {url} broke off ({e}); run the same command again to resume") from e
+                if not chunk:
+                    break
+                f.write(chunk)  # a full disk is the disk's error, not the transfer's (the CLI names the path)
+                bar.update(len(chunk))
     size = os.path.getsize(part)
     if total is not None and size != total:
         raise DownloadError(f"transfer from {url} stopped at {size} of {total} bytes; "
@@ -118,9 +122,31 @@ def check_sha256(path: str, actual: str, expected: str | None) -> None:
         raise ValueError(f"sha256 mismatch for {path}: expected {expected}, got {actual}")
 
 
+@contextlib.contextmanager
+def new_folders_removed_on_failure(folder: str):
+    """Create `folder` (and missing parents); if the body fails, remove those it created that are still empty,
+    so a failed download leaves no empty folder tree behind."""
+    created, path = [], os.path.abspath(folder)
+    while not os.path.isdir(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for path in created:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only succeeds on an empty folder
+        raise
+
+
 def download(urls, dest: str, sha256: str | None = None) -> str:
     """Download the first source that answers into `dest` atomically; returns the file's sha256."""
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    with new_folders_removed_on_failure(os.path.dirname(os.path.abspath(dest))):
+        return _download(urls, dest, sha256)
+
+
+def _download(urls, dest: str, sha256: str | None) -> str:
     part = dest + ".part"
     failures = []
     for url in urls:
@@ -203,7 +229,8 @@ def fetch(name: str, table: dict, root: str = ".", base_url: str | None = None) 
     else:
         sha = download([rebase(u, base_url) for u in entry["urls"]], dest, entry.get("sha256"))
     if extract_to:
-        extract_tar(dest, extract_to)
+        with new_folders_removed_on_failure(extract_to):
+            extract_tar(dest, extract_to)
         with atomic_path(_marker(entry, root)) as tmp, open(tmp, "w") as f:
             f.write(f"{sha}  {os.path.basename(dest)}\n")
         os.remove(dest)  # the extracted files are what is used; the marker keeps its checksum
@@ -238,13 +265,16 @@ def main(argv):
         return 0
     if not args.names:
         parser.error(f"name at least one resource; valid names: {', '.join(table)}")
+    unknown = [name for name in args.names if name not in table]
+    if unknown:  # bad input: exit code 2 through the CLI, before anything is fetched
+        raise ValueError(f"unknown download(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(table)}")
     try:
         for name in args.names:
             sha = fetch(name, table, args.root, args.base_url)
             if args.record and table[name].get("sha256") != sha:
                 record_sha256(args.table, name, sha)
                 print(f"{name}: recorded sha256 {sha} in {args.table}", file=sys.stderr)
-    except (DownloadError, ValueError, FileExistsError) as e:
+    except (DownloadError, ValueError, FileExistsError) as e:  # the network or the files fetched: exit code 1
         print(f"ddpm-seg download: error: {e}", file=sys.stderr)
         return 1
     return 0

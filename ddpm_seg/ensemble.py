@@ -8,6 +8,9 @@ once with bmm, each on its own pixel batch. Members save to and load from the or
 checkpoint format (`model_{i}.pth` holding a DataParallel state dict).
 """
 
+import sys
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,6 +22,9 @@ from .utils import atomic_torch_save, derive_seed, keep_freed_memory
 
 PAPER_BATCH, PAPER_LR = 64, 1e-3  # pixels per member per step, Adam learning rate
 # Our layer name -> index of the same layer in the original nn.Sequential (`module.layers.<i>`).
+# Seconds between redraws of the members bar: on a terminal, and in a redirected log (where each redraw is a record).
+PROGRESS_INTERVAL_S = 0.5
+LOG_INTERVAL_S = 60.0
 OFFICIAL_LAYERS = {"fc1": 0, "bn1": 2, "fc2": 3, "bn2": 5, "fc3": 6}
 
 
@@ -301,7 +307,12 @@ def train_ensemble(
                                  and device.type in ("cpu", "cuda"))
     ensemble.train()
     active = list(members)
-    bar = tqdm(total=len(members), desc="members done", disable=not progress)
+    # On a terminal the bar redraws at most every PROGRESS_INTERVAL_S; in a redirected log (not a terminal)
+    # only rarely, and a plain summary line closes the training.
+    on_terminal = sys.stderr.isatty()
+    bar = tqdm(total=len(members), desc="members done", disable=not progress,
+               mininterval=PROGRESS_INTERVAL_S if on_terminal else LOG_INTERVAL_S)
+    start, last_loss = time.time(), float("nan")
 
     def finish(m):
         active.remove(m)
@@ -343,8 +354,14 @@ def train_ensemble(
                     patience[m] += 1
                 if patience[m] > 50:
                     finish(m)
-        bar.set_postfix(loss=f"{losses.mean().item():.4f}", epoch=max(s["epoch"] for s in stats.values()))
+        # refresh=False: the postfix is shown at the bar's next (rate-limited) redraw, not one record per step.
+        last_loss = losses.mean().item()
+        bar.set_postfix(loss=f"{last_loss:.4f}", epoch=max(s["epoch"] for s in stats.values()), refresh=False)
     bar.close()
+    if progress and not on_terminal:
+        print(f"trained members {members} in {time.time() - start:.0f} s: up to {max(s['steps'] for s in stats.values())} "
+              f"steps and {max(s['epoch'] for s in stats.values()) + 1} epochs per member, last mean batch loss "
+              f"{last_loss:.4f}", file=sys.stderr)
     return stats
 
 

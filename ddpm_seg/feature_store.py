@@ -11,13 +11,15 @@ Storage is channels-last and grouped by resolution: all maps of one size share a
 """
 
 import copy
+import errno
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils import atomic_write_json, read_json_object
+from .utils import (WRITE_ERRNOS, WriteError, atomic_write_json, check_writable, format_bytes, free_bytes,
+                    read_json_object, write_error)
 
 META_FILE = "meta.json"
 LAYOUT = "NHWC-by-resolution"
@@ -141,23 +143,63 @@ class FeatureStore:
                 if found[key] != wanted[key]:
                     raise ValueError(f"{meta_path}: {key} is {found[key]}, but this store wants {wanted[key]}")
             self._complete[found["complete"]] = True
-        else:
-            os.makedirs(root, exist_ok=True)
         _, np_dtype, suffix = _DTYPES[self.dtype]
-        tables = []
-        for t, (c, h, w) in enumerate(self._table_shapes()):
-            path = os.path.join(root, f"table{t}.{suffix}")
-            shape = (self.num_images, h, w, c)
-            if exists:
+        paths = [os.path.join(root, f"table{t}.{suffix}") for t in range(len(self.table_sizes))]
+        shapes = [(self.num_images, h, w, c) for c, h, w in self._table_shapes()]
+        if exists:
+            for path, shape in zip(paths, shapes):
                 size = os.path.getsize(path) if os.path.isfile(path) else None
                 if size != int(np.prod(shape)) * np.dtype(np_dtype).itemsize:
                     raise ValueError(f"{path}: expected a {_DTYPES[self.dtype][0]} array of shape {shape}, found size {size}")
-            mm = np.memmap(path, dtype=np_dtype, mode="r+" if exists else "w+", shape=shape)
+        else:
+            check_writable(root)
+        self._reserve(paths, [int(np.prod(shape)) * np.dtype(np_dtype).itemsize for shape in shapes])
+        tables = []
+        for path, shape in zip(paths, shapes):
+            mm = np.memmap(path, dtype=np_dtype, mode="r+", shape=shape)
             self._memmaps.append(mm)
             tables.append(torch.from_numpy(mm).view(self.dtype))
         if not exists:
             atomic_write_json(meta_path, self._meta())
         return tables
+
+    @staticmethod
+    def _reserve(paths, sizes):
+        """Allocate the table files' blocks on disk before they are memory-mapped.
+
+        Writing through a memory map to a disk that has run out of space does not fail with an error: the
+        process is killed by SIGBUS ("Bus error"). So the free space is checked against the store's size,
+        which is known in advance, and the blocks are then allocated (posix_fallocate), so that nothing
+        written later through the map can meet a full disk. A store that does not fit leaves no file."""
+        root = os.path.dirname(paths[0])
+        allocated = sum(os.stat(p).st_blocks * 512 for p in paths if os.path.exists(p))
+        needed, free = sum(sizes) - allocated, free_bytes(root)
+        if free is not None and needed > free:
+            raise WriteError(f"cannot write the feature store in {root}: it needs {format_bytes(needed)} more and "
+                             f"the disk has {format_bytes(free)} free; free some space, or use --store ram if the "
+                             "features fit in memory")
+        created = []
+        os.makedirs(root, exist_ok=True)
+        try:
+            for path, size in zip(paths, sizes):
+                new = not os.path.exists(path)
+                if new:
+                    created.append(path)
+                with open(path, "w+b" if new else "r+b") as f:
+                    try:
+                        os.posix_fallocate(f.fileno(), 0, size)
+                    except OSError as e:
+                        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                            raise
+                        f.truncate(size)  # a file system without fallocate: the check above is all we can do
+        except OSError as e:
+            for created_path in created:
+                os.remove(created_path)
+            if not os.listdir(root):
+                os.rmdir(root)
+            if e.errno in WRITE_ERRNOS:
+                raise write_error(e, path) from None
+            raise
 
     @property
     def num_features(self):

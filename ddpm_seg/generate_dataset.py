@@ -11,7 +11,9 @@ layout, <out_dir>/samples_<H>x<W>x3.npz with
 Samples are made in chunks of --batch_size consecutive indices, and each finished chunk is written
 to <out_dir>/samples_<H>x<W>x3_shards/chunk_<k>.npz beside an index.json of the settings: a stopped
 run resumes with the chunks it lacks, and one started with other settings is refused. The shards are
-merged into the final file at the end.
+merged into the final file at the end; a later run with a larger --num_samples adds the missing samples
+to it. A lock file in the shards folder (holding the owner's pid) refuses a second run into the same
+folder at once; a lock whose process is gone is taken over.
 
 Reproducibility: sample i draws its starting noise and every ancestral step's noise from its own
 generator seeded with (sample_seed, i), and a chunk is the same batch whatever the number of
@@ -21,7 +23,9 @@ k % world_size == r (nccl on CUDA, gloo on CPU) and rank 0 merges them once all 
 """
 
 import argparse
+import contextlib
 import os
+import socket
 import sys
 import time
 
@@ -40,9 +44,10 @@ from .backbones import create_feature_extractor
 from .config import check_paths, load_experiment, resolve_model_flags, run_dir
 from .data import synthetic_dataset_path
 from .interpreter import Interpreter, load_ensemble
-from .utils import atomic_path, check_settings, derive_seed, distributed
+from .utils import atomic_path, check_settings, check_writable, derive_seed, distributed, on_interrupt
 
 INDEX_NAME = "index.json"
+LOCK_NAME = "lock"
 
 
 def sampling_defaults():
@@ -159,6 +164,71 @@ def merge_shards(folder: str, chunks: list, out_path: str) -> None:
         os.remove(chunk_path(folder, k))
 
 
+def _owner_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str):
+    """Hold <folder>/lock (holding this process's pid and host) while this run works in `folder`.
+
+    A second run into the same folder would otherwise wait forever for chunks the first one merges and
+    deletes; it is refused at once instead. A lock whose process is gone (killed, crashed) is taken over."""
+    path = os.path.join(folder, LOCK_NAME)
+    host = socket.gethostname()
+    # The lock appears with its content (a hard link of a written file), so a reader never sees it empty.
+    mine = f"{path}.{os.getpid()}.tmp"
+    with open(mine, "w") as f:
+        f.write(f"{os.getpid()} {host}\n")
+    try:
+        while True:
+            try:
+                os.link(mine, path)
+                break
+            except FileExistsError:
+                try:
+                    with open(path) as f:
+                        owner, owner_host = f.read().split()
+                    owner = int(owner)
+                except FileNotFoundError:
+                    continue  # released just now: try again
+                except ValueError:
+                    raise ValueError(f"{path}: a lock file that names no owner process; delete it if no other "
+                                     "generate-dataset run works in this folder") from None
+                if owner_host == host and not _owner_alive(owner):
+                    print(f"{path}: removing the stale lock of process {owner}, which no longer runs", file=sys.stderr)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                    continue
+                raise ValueError(f"{folder} is in use by another generate-dataset run (process {owner} on "
+                                 f"{owner_host}, lock {path}); wait for it to finish, or delete the lock if that "
+                                 "process is gone") from None
+    finally:
+        os.remove(mine)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def split_finished_file(out_path: str, folder: str, chunks: list) -> None:
+    """Turn the samples of an earlier, smaller finished run back into chunks, so that a larger --num_samples
+    only makes the samples it lacks (a last, partial chunk is made again at its new size)."""
+    with np.load(out_path) as npz:
+        images, labels, scores = (npz[k] for k in ("arr_0", "arr_1", "arr_2"))
+    for k, (start, end) in enumerate(chunks):
+        if end <= len(images) and not os.path.isfile(chunk_path(folder, k)):
+            save_chunk(chunk_path(folder, k), range(start, end), images[start:end], labels[start:end],
+                       scores[start:end])
+
+
 def check_options(cfg, exp_path, opts):
     if cfg["model_type"] != "ddpm":
         raise ValueError(f"{exp_path}: generate-dataset samples from a DDPM; model_type is {cfg['model_type']!r}")
@@ -189,20 +259,42 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
     size = tuple(cfg["dim"][:2])
     out_path = synthetic_dataset_path(args.out_dir or ensemble_dir, size)
     folder = shard_dir(out_path)
-    settings = {**opts, "seed": args.seed, "exp": cfg, "model_flags": flags,
-                "ensemble_dir": os.path.abspath(ensemble_dir)}
-    os.makedirs(folder, exist_ok=True)
-    check_settings(os.path.join(folder, INDEX_NAME), settings, write=rank == 0)
-    if os.path.isfile(out_path):
-        print(f"{out_path} is complete; nothing to do")
-        return {"path": out_path, "num_samples": opts["num_samples"], "new_samples": 0, "seconds": 0.0,
-                "samples_per_s": None}
-
+    # num_samples is left out: sample i does not depend on it, so a finished run can be extended.
+    settings = {**{k: v for k, v in opts.items() if k != "num_samples"}, "seed": args.seed, "exp": cfg,
+                "model_flags": flags, "ensemble_dir": os.path.abspath(ensemble_dir)}
     # Features on the full process the ensemble was trained with; sampling on the (maybe respaced) one.
-    extractor = create_feature_extractor(cfg, flags, device, seed=args.seed)
+    # Both are built before anything is written, so a wrong --seed or --run_dir leaves no folder behind.
+    extractor = create_feature_extractor(cfg, flags, device, seed=args.seed, config_path=args.exp)
     interpreter = Interpreter(cfg, extractor, load_ensemble(cfg, ensemble_dir, args.seed, device))
     diffusion = sampling_diffusion(flags)
     chunks = chunk_ranges(opts["num_samples"], opts["batch_size"])
+    if rank == 0:
+        check_writable(folder)
+    os.makedirs(folder, exist_ok=True)
+    with folder_lock(folder) if rank == 0 else contextlib.nullcontext():
+        with on_interrupt(lambda: interrupted_note(folder, chunks)):
+            return _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, size, rank,
+                             world_size)
+
+
+def interrupted_note(folder, chunks):
+    done = sum(os.path.isfile(chunk_path(folder, k)) for k in range(len(chunks)))
+    return f"{done} of {len(chunks)} chunks saved in {folder}; run the same command again to resume"
+
+
+def _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, size, rank, world_size):
+    check_settings(os.path.join(folder, INDEX_NAME), settings, write=rank == 0)
+    if os.path.isfile(out_path):
+        with np.load(out_path) as npz:
+            finished = len(npz["arr_1"])
+        if finished == opts["num_samples"]:
+            print(f"{out_path} is complete ({finished} samples); nothing to do")
+            return {"path": out_path, "num_samples": opts["num_samples"], "new_samples": 0, "seconds": 0.0,
+                    "samples_per_s": None}
+        if finished > opts["num_samples"]:
+            raise ValueError(f"{out_path} already holds {finished} samples, more than --num_samples "
+                             f"{opts['num_samples']}; use its first {opts['num_samples']} or another --out_dir")
+        split_finished_file(out_path, folder, chunks)  # on every rank: chunk files are written atomically
     missing = [k for k in range(len(chunks)) if not os.path.isfile(chunk_path(folder, k))]
     mine = [k for k in missing if k % world_size == rank]
     new_samples = sum(chunks[k][1] - chunks[k][0] for k in missing)
@@ -216,7 +308,7 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
                desc=f"generate (rank {rank})" if world_size > 1 else "generate", disable=rank != 0, dynamic_ncols=True)
     for k in mine:
         indices = range(*chunks[k])
-        images = sample_images(extractor.model, diffusion, indices, opts["sample_seed"], size,
+        images = sample_images(interpreter.extractor.model, diffusion, indices, opts["sample_seed"], size,
                                opts["use_ddim"], opts["clip_denoised"])
         labels, scores = label_images(interpreter, images, indices, opts["sample_seed"])
         save_chunk(chunk_path(folder, k), indices, images, labels, scores)

@@ -11,7 +11,7 @@ import csv
 import os
 import statistics
 
-from .utils import atomic_path, read_json_object
+from .utils import atomic_path, check_writable, read_json_object
 
 # The paper's column order and headers; datasets it does not have (e.g. demo) follow, sorted.
 PAPER_DATASETS = {
@@ -112,6 +112,7 @@ def write_report(root: str, out: str) -> tuple:
     """Write <out>.md and <out>.csv from the runs under `root`; returns their paths."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root} is not a folder of runs (expected e.g. pixel_classifiers/)")
+    check_writable(os.path.dirname(os.path.abspath(out)))
     cells = summarize(collect_runs(root))
     if not cells:
         raise FileNotFoundError(f"no finished runs (metrics.json) under {root}")

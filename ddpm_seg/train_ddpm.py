@@ -8,6 +8,8 @@ side load into the other:
     model_flags.json              the model+diffusion flags that built the model
 Here `step` counts completed updates (model000100.pt holds the weights after 100 updates), and
 resuming from model{step}.pt continues from that step with the EMA and optimizer saved beside it.
+The three are published as a set (model file last), so a kill while saving leaves no partial set; a
+rerun into an --out_dir that holds checkpoints resumes from its last complete set.
 
 The data order, timesteps, noise and flips are functions of (seed, step, rank) alone, so a run that
 is stopped and resumed follows the same trajectory as one that is not.
@@ -22,6 +24,7 @@ import functools
 import json
 import os
 import re
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,6 +38,7 @@ from tqdm import tqdm
 from guided_diffusion.checkpoint import (
     MODEL_FLAGS_FILENAME,
     load_state_dict_strict,
+    read_model_flags,
     read_state_dict,
     safe_load,
 )
@@ -45,7 +49,8 @@ from guided_diffusion.script_util import (
 )
 
 from .data import list_images, read_image
-from .utils import atomic_torch_save, atomic_write_json, derive_seed, seed_everything, distributed
+from .utils import (atomic_torch_save_set, atomic_write_json, check_writable, derive_seed, distributed, on_interrupt,
+                    seed_everything)
 
 LOG_FILENAME = "train_log.jsonl"
 
@@ -217,22 +222,84 @@ def _resolve_options(args):
 
 
 def _load_saved_state(checkpoint_dir, step, emas, opt):
-    """Restore the EMAs and optimizer saved at `step` beside a resumed model; absent files keep their fresh state."""
+    """Restore the EMAs and optimizer saved at `step` beside a resumed model (resume_point checked they exist)."""
     saved = checkpoint_paths(checkpoint_dir, step, [ema.rate for ema in emas])
     for ema in emas:
-        if os.path.isfile(saved["ema"][ema.rate]):
-            path = saved["ema"][ema.rate]
-            ema.load_state_dict(read_state_dict(path, "EMA checkpoint"), path)
-    if os.path.isfile(saved["opt"]):
-        opt.load_state_dict(safe_load(saved["opt"], "optimizer checkpoint"))
+        path = saved["ema"][ema.rate]
+        ema.load_state_dict(read_state_dict(path, "EMA checkpoint"), path)
+    opt.load_state_dict(safe_load(saved["opt"], "optimizer checkpoint"))
 
 
 def _save(out_dir, step, model, emas, opt):
+    """One checkpoint set, published model file last (see atomic_torch_save_set): a model{step}.pt on disk
+    always has its EMA and optimizer files, and a save cut short leaves no file of the set."""
     paths = checkpoint_paths(out_dir, step, [ema.rate for ema in emas])
-    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, paths["model"])
-    for ema in emas:
-        atomic_torch_save(ema.state_dict(model), paths["ema"][ema.rate])
-    atomic_torch_save(opt.state_dict(), paths["opt"])
+    atomic_torch_save_set([({k: v.detach().cpu() for k, v in model.state_dict().items()}, paths["model"])]
+                          + [(ema.state_dict(model), paths["ema"][ema.rate]) for ema in emas]
+                          + [(opt.state_dict(), paths["opt"])])
+
+
+def missing_set_files(checkpoint, ema_rates):
+    """The EMA and optimizer files a model{step}.pt lacks (an incomplete set: from an older save cut short)."""
+    paths = checkpoint_paths(os.path.dirname(os.path.abspath(checkpoint)), parse_resume_step(checkpoint), ema_rates)
+    return [os.path.basename(p) for p in [*paths["ema"].values(), paths["opt"]] if not os.path.isfile(p)]
+
+
+def saved_steps(out_dir):
+    """Steps of the model{step}.pt files in out_dir, ascending."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted(int(m.group(1)) for m in map(re.compile(r"model(\d+)\.pt").fullmatch, names) if m)
+
+
+def remove_stale_files(out_dir):
+    """Temporary files of saves that were killed, and EMA/optimizer files whose model file never appeared."""
+    models = set(saved_steps(out_dir))
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        stale_tmp = re.fullmatch(r"\.(model|ema_|opt).*\.tmp", name)
+        orphan = re.fullmatch(r"(ema_[^_]+_|opt)(\d+)\.pt", name)
+        if stale_tmp or (orphan and int(orphan.group(2)) not in models):
+            os.remove(os.path.join(out_dir, name))
+
+
+def complete_steps(folder, ema_rates):
+    """Steps whose checkpoint set (model, every EMA, optimizer) is whole in folder, ascending."""
+    return [s for s in saved_steps(folder)
+            if not missing_set_files(checkpoint_paths(folder, s, ema_rates)["model"], ema_rates)]
+
+
+def resume_point(opts, flags, ema_rates, announce=True):
+    """The checkpoint to resume from: --resume_checkpoint, else the last complete set in --out_dir (None: start
+    at step 0). A checkpoint set that lacks its EMA or optimizer files is refused, never resumed with fresh ones."""
+    if opts.resume_checkpoint:
+        missing = parse_resume_step(opts.resume_checkpoint) and missing_set_files(opts.resume_checkpoint, ema_rates)
+        if missing and os.path.isfile(opts.resume_checkpoint):
+            complete = complete_steps(os.path.dirname(os.path.abspath(opts.resume_checkpoint)), ema_rates)
+            other = f"resume from model{complete[-1]:06d}.pt, the last complete set, or " if complete else ""
+            raise ValueError(f"--resume_checkpoint {opts.resume_checkpoint}: incomplete checkpoint set, "
+                             f"{', '.join(missing)} missing beside it; {other}copy the model file under "
+                             "another name to fine-tune its weights with a fresh EMA and optimizer")
+        return opts.resume_checkpoint
+    steps = saved_steps(opts.out_dir)
+    if not steps:
+        return None
+    # Resuming by default must not mix runs: the folder's checkpoints were made with its model_flags.json.
+    saved_flags = read_model_flags(checkpoint_paths(opts.out_dir, steps[-1], ema_rates)["model"])
+    if saved_flags is not None and saved_flags != json.loads(json.dumps(flags)):
+        differ = sorted(k for k in set(saved_flags) | set(flags) if saved_flags.get(k) != flags.get(k))
+        raise ValueError(f"--out_dir {opts.out_dir} holds checkpoints made with other model flags "
+                         f"({ {k: saved_flags.get(k) for k in differ} } vs now { {k: flags.get(k) for k in differ} }); "
+                         "use another --out_dir")
+    complete = complete_steps(opts.out_dir, ema_rates)
+    if not complete:
+        raise ValueError(f"--out_dir {opts.out_dir} holds model{steps[-1]:06d}.pt but no complete checkpoint set "
+                         f"(model, {', '.join(f'ema_{r}' for r in ema_rates)} and opt files of one step); "
+                         "use another --out_dir or move those files away")
+    path = checkpoint_paths(opts.out_dir, complete[-1], ema_rates)["model"]
+    if announce:
+        note = f" (model{steps[-1]:06d}.pt is an incomplete set and is not used)" if steps[-1] > complete[-1] else ""
+        print(f"resuming from {path}, the last complete checkpoint set in --out_dir{note}; "
+              "use another --out_dir to start from step 0", file=sys.stderr)
+    return path
 
 
 def _train_step(model, diffusion, opt, batch, gen, microbatch, autocast):
@@ -282,15 +349,19 @@ def _run(opts, rank, world_size, device):
     model, diffusion = create_model_and_diffusion(**flags)
     model.to(device)
     dataset = ImageFolderDataset(opts.data_dir, opts.image_size)
+    if rank == 0:
+        check_writable(opts.out_dir)
+        remove_stale_files(opts.out_dir)
 
     step = 0
-    if opts.resume_checkpoint:
-        step = parse_resume_step(opts.resume_checkpoint)
-        load_state_dict_strict(model, read_state_dict(opts.resume_checkpoint), opts.resume_checkpoint)
+    resume = resume_point(opts, flags, ema_rates, announce=rank == 0)
+    if resume:
+        step = parse_resume_step(resume)
+        load_state_dict_strict(model, read_state_dict(resume), resume)
     emas = [EMA(model, rate) for rate in ema_rates]
     opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     if step:
-        _load_saved_state(os.path.dirname(os.path.abspath(opts.resume_checkpoint)), step, emas, opt)
+        _load_saved_state(os.path.dirname(os.path.abspath(resume)), step, emas, opt)
     end_step = min([s for s in (opts.lr_anneal_steps, opts.max_steps) if s > 0], default=None)
 
     sampler = ShardedBatchSampler(len(dataset), opts.batch_size, opts.seed, rank, world_size, step)
@@ -310,30 +381,31 @@ def _run(opts, rank, world_size, device):
     if rank == 0:
         atomic_write_json(out["model_flags"], flags)
     bar = tqdm(initial=step, total=end_step, desc="train-ddpm", disable=rank != 0, dynamic_ncols=True)
-    loss_sum, loss_count, saved_step = 0.0, 0, None
-    batches = iter(loader)
-    while end_step is None or step < end_step:
-        batch = next(batches)
-        if opts.lr_anneal_steps:
-            for group in opt.param_groups:
-                group["lr"] = opts.lr * (1 - step / opts.lr_anneal_steps)
-        loss = _train_step(train_model, diffusion, opt, batch, step_generator(opts.seed, rank, step),
-                           opts.microbatch, autocast)
-        for ema in emas:
-            ema.update(model)
-        step += 1
-        bar.update(1)
-        # The logged loss is rank 0's; reading it syncs with the device, so only every log_interval.
-        loss_sum, loss_count = loss_sum + loss, loss_count + 1
-        if rank == 0 and step % opts.log_interval == 0:
-            mean = float(loss_sum) / loss_count
-            bar.set_postfix(loss=f"{mean:.4f}")
-            with open(out["log"], "a") as f:
-                f.write(json.dumps({"step": step, "loss": mean, "lr": opt.param_groups[0]["lr"]}) + "\n")
-            loss_sum, loss_count = 0.0, 0
-        if rank == 0 and step % opts.save_interval == 0:
-            _save(opts.out_dir, step, model, emas, opt)
-            saved_step = step
+    loss_sum, loss_count, saved_step = 0.0, 0, step if resume else None
+    with on_interrupt(lambda: interrupted_note(opts.out_dir, ema_rates, step)):
+        batches = iter(loader)
+        while end_step is None or step < end_step:
+            batch = next(batches)
+            if opts.lr_anneal_steps:
+                for group in opt.param_groups:
+                    group["lr"] = opts.lr * (1 - step / opts.lr_anneal_steps)
+            loss = _train_step(train_model, diffusion, opt, batch, step_generator(opts.seed, rank, step),
+                               opts.microbatch, autocast)
+            for ema in emas:
+                ema.update(model)
+            step += 1
+            bar.update(1)
+            # The logged loss is rank 0's; reading it syncs with the device, so only every log_interval.
+            loss_sum, loss_count = loss_sum + loss, loss_count + 1
+            if rank == 0 and step % opts.log_interval == 0:
+                mean = float(loss_sum) / loss_count
+                bar.set_postfix(loss=f"{mean:.4f}", refresh=False)  # shown at the next rate-limited redraw
+                with open(out["log"], "a") as f:
+                    f.write(json.dumps({"step": step, "loss": mean, "lr": opt.param_groups[0]["lr"]}) + "\n")
+                loss_sum, loss_count = 0.0, 0
+            if rank == 0 and step % opts.save_interval == 0:
+                _save(opts.out_dir, step, model, emas, opt)
+                saved_step = step
     bar.close()
     if rank == 0 and saved_step != step:
         _save(opts.out_dir, step, model, emas, opt)
@@ -341,6 +413,14 @@ def _run(opts, rank, world_size, device):
         # Other ranks wait for rank 0's files before anyone leaves.
         dist.barrier()
     return {"step": step, **checkpoint_paths(opts.out_dir, step, ema_rates), **out}
+
+
+def interrupted_note(out_dir, ema_rates, step):
+    complete = complete_steps(out_dir, ema_rates)
+    if not complete:
+        return f"stopped after step {step}; no checkpoint was saved yet (the first comes at --save_interval)"
+    return (f"stopped after step {step}; the last checkpoint set is model{complete[-1]:06d}.pt (step "
+            f"{complete[-1]}) in {out_dir}: run the same command again to resume from it")
 
 
 def main(argv=None):

@@ -25,6 +25,8 @@ DistributedDataParallel (--batch_size per process) and rank 0 evaluates and writ
 import argparse
 import os
 import sys
+import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -42,7 +44,8 @@ from .config import check_paths, experiment_suffix, load_experiment, run_dir
 from .data import list_images, load_labelled_folder, resize_image, resize_label, synthetic_dataset_path
 from .deeplab import DEEPLABS, EXPERIMENT_NAME, build_deeplab
 from .evaluate import ConfusionMatrix, iou_metrics
-from .utils import atomic_torch_save, atomic_write_json, check_settings, derive_seed, seed_everything, distributed
+from .utils import (atomic_torch_save, atomic_write_json, check_settings, check_writable, derive_seed, distributed,
+                    seed_everything)
 
 SETTINGS_NAME = "settings.json"
 
@@ -78,12 +81,22 @@ def load_synthetic(path: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"synthetic dataset {path!r} does not exist; make it with ddpm-seg generate-dataset "
                                 "or download one (synthetic_datasets/*/download_synthetic_dataset.sh)")
-    with np.load(path, allow_pickle=False) as npz:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable .npz archive (truncated or another format): {e}") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # np.load reads by content, whatever the file's name
+        raise ValueError(f"{path}: holds a single array (np.save's .npy format); expected an .npz archive of "
+                         "arr_0..arr_2 as generate-dataset writes")
+    with npz:
         names = sorted(npz.files, key=lambda n: int(n.split("_")[1]) if n.startswith("arr_") else -1)
         if len(names) not in (3, 4) or not all(n.startswith("arr_") for n in names):
             raise ValueError(f"{path}: expected arrays arr_0..arr_2 (images, labels, uncertainties) or arr_0..arr_3 "
                              f"(images, labels, latents, uncertainties), found {npz.files}")
-        images, labels, scores = npz[names[0]], npz[names[1]], npz[names[-1]]
+        try:
+            images, labels, scores = npz[names[0]], npz[names[1]], npz[names[-1]]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(f"{path}: an array in the archive is damaged (truncated file?): {e}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{path}: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     if labels.shape != images.shape[:3] or not np.issubdtype(labels.dtype, np.integer):
@@ -210,7 +223,7 @@ def _run(cfg, args, rank, world_size, device):
                 "backbone": args.backbone, "backbone_weights": args.backbone_weights,
                 "learning_rate": args.learning_rate, "batch_size": args.batch_size, "deeplab_res": res,
                 "seed": args.seed}
-    os.makedirs(folder, exist_ok=True)
+    check_writable(folder)
     check_settings(os.path.join(folder, SETTINGS_NAME), settings, write=rank == 0)
     if rank == 0:  # class names, palette and input size for `ddpm-seg predict --deeplab`
         atomic_write_json(os.path.join(folder, EXPERIMENT_NAME), cfg)

@@ -8,8 +8,16 @@ import argparse
 
 import numpy as np
 
-from .config import load_experiment, resolve_model_flags
-from .training import add_args, run
+from .config import load_experiment, resolve_model_flags, run_dir
+from .training import add_args, interrupted_note, run
+from .utils import on_interrupt
+
+
+def parse_seeds(text):
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds must be a comma list of integers like 0,1,2, got {text!r}") from None
 
 
 def main(argv):
@@ -20,13 +28,15 @@ def main(argv):
     args = parser.parse_args(argv)
     cfg = load_experiment(args.exp)
     flags = resolve_model_flags(cfg, args, argv)
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
     if len(seeds) > 1 and args.run_dir:
         raise ValueError("--run_dir names one folder; it cannot be combined with several --seeds")
     results = {}
     for seed in seeds:
         args.seed = seed
-        results[seed] = run(cfg, args.exp, flags, args)["miou"]
+        folder = args.run_dir or run_dir(cfg, seed, args.random_init)
+        with on_interrupt(lambda: interrupted_note(cfg, folder)):
+            results[seed] = run(cfg, args.exp, flags, args)["miou"]
     if len(seeds) > 1:
         values = np.array(list(results.values())) * 100
         print(f"mIoU over seeds {seeds}: {values.mean():.2f} ± {values.std(ddof=1):.2f}")

@@ -22,7 +22,7 @@ from .data import load_split
 from .ensemble import MLPEnsemble, scaled_lr, train_ensemble
 from .feature_store import FeatureStore, PixelSampler
 from .interpreter import Interpreter, evaluate, member_path
-from .utils import atomic_write_json, check_settings, resolve_device, seed_everything
+from .utils import atomic_write_json, check_settings, check_writable, resolve_device, seed_everything
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -107,6 +107,14 @@ def training_sampler(cfg, items):
     return PixelSampler(torch.from_numpy(np.stack([it.label for it in items])), ignore_label=cfg["ignore_label"])
 
 
+def interrupted_note(cfg, folder):
+    """What a stopped run leaves for the next one: saved members, and the cached features of a disk store."""
+    saved = [m for m in range(cfg["model_num"]) if os.path.exists(member_path(folder, m))]
+    cached = " and the features extracted so far (disk store)" if os.path.isdir(os.path.join(folder, "features")) else ""
+    return (f"{len(saved)} of {cfg['model_num']} members saved in {folder}{cached}; "
+            "run the same command again to resume")
+
+
 def run(cfg, exp_path, model_flags, args):
     """Train what is missing, then evaluate; returns the metrics dict also written to metrics.json."""
     seed_everything(args.seed)
@@ -117,9 +125,14 @@ def run(cfg, exp_path, model_flags, args):
     if batch_size < 2:
         raise ValueError(f"--batch_size must be at least 2 (batch norm needs 2 pixels), got {batch_size}")
     lr = scaled_lr(batch_size) if args.lr is None else args.lr
+    if not lr > 0:
+        raise ValueError(f"--lr must be positive, got {lr}")
 
-    # Everything that can fail on bad input (config, labels, feature size) happens before the first write.
-    extractor = create_feature_extractor(cfg, model_flags, device, seed=args.seed, random_init=args.random_init)
+    # Everything that can fail on bad input (config, labels, feature size, an unwritable folder) happens
+    # before the first write, so a corrected rerun is not refused for "other settings".
+    check_writable(folder)
+    extractor = create_feature_extractor(cfg, model_flags, device, seed=args.seed, random_init=args.random_init,
+                                         config_path=exp_path)
     test_items = load_split(cfg, "test")
     todo = [m for m in range(cfg["model_num"]) if not os.path.exists(member_path(folder, m))]
     if args.eval_only and todo:
@@ -130,6 +143,7 @@ def run(cfg, exp_path, model_flags, args):
         train_items = load_split(cfg, "train")
         first_maps = extractor(train_items[0].image)
         check_feature_size(cfg, first_maps, exp_path)
+        sampler = training_sampler(cfg, train_items)  # refuses labels with fewer than 2 labelled pixels
         os.makedirs(folder, exist_ok=True)
         # Members and the feature cache are only resumed with the settings that made them.
         check_settings(os.path.join(folder, "settings.json"),
@@ -143,7 +157,6 @@ def run(cfg, exp_path, model_flags, args):
         store_root = os.path.join(folder, "features")
         store = extract_training_store(extractor, train_items, first_maps, args, store_root)
         timings["extract_train_s"] = time.time() - start
-        sampler = training_sampler(cfg, train_items)
         print(f"{len(train_items)} training images, {len(sampler)} labelled pixels, {store.num_features} features "
               f"per pixel, store {store.nbytes / 2**30:.2f} GiB ({'disk' if store.root else 'RAM'}); "
               f"training members {todo}, batch {batch_size}, lr {lr:g}")

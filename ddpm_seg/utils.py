@@ -1,11 +1,14 @@
 """Small shared helpers: device choice, seeding and atomic file writes."""
 
+import codecs
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
 import random
+import shutil
 import tempfile
 
 import numpy as np
@@ -62,56 +65,201 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# errno -> what is missing when a write fails for want of space or permission.
+WRITE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "no write permission",
+    errno.EPERM: "no write permission",
+}
+
+
+class WriteError(OSError):
+    """An output that cannot be written (no space, read-only, no permission); str() is one line for the user."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+def free_bytes(path: str):
+    """Free bytes on the file system holding `path` (or its nearest existing parent); None if unknown."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def write_error(e: OSError, path: str = None) -> WriteError:
+    """One line naming the path and what is missing, for an OSError whose errno is in WRITE_ERRNOS."""
+    path = path or e.filename or "output"
+    what = WRITE_ERRNOS[e.errno]
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = free_bytes(path)
+        free = f" ({format_bytes(free)} free)" if free is not None else ""
+        return WriteError(f"cannot write {path}: {what}{free}; free some space or choose another output folder")
+    if e.errno == errno.EROFS:
+        return WriteError(f"cannot write {path}: {what}; choose another output folder")
+    return WriteError(f"cannot write {path}: {what}; choose another output folder or fix its permissions")
+
+
+def check_writable(folder: str) -> None:
+    """Prove, before long work starts, that a file can be created in `folder` (or, while it does not exist yet,
+    in its nearest existing parent, where it will be created); nothing is left behind."""
+    probe_dir = os.path.abspath(folder)
+    while not os.path.isdir(probe_dir) and os.path.dirname(probe_dir) != probe_dir:
+        probe_dir = os.path.dirname(probe_dir)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=probe_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:
+            raise write_error(e, folder) from None
+        raise
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying a line that says what was saved and how to resume."""
+
+
+@contextlib.contextmanager
+def on_interrupt(describe):
+    """Turn Ctrl-C inside into Interrupted(describe()), so the CLI can say what was saved instead of a traceback."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(describe()) from None
+
+
+class _Writer:
+    """A file object seen only through write(): torch.save and np.save then write through Python, which
+    raises a real OSError (errno ENOSPC...) instead of torch's `[enforce fail at inline_container.cc]`
+    or numpy's errno-less short-write error; the first OSError is kept to be re-raised."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on failure removed.
 
-    Readers therefore never see a half-written file, and an interrupted run leaves nothing behind."""
+    Readers therefore never see a half-written file, and an interrupted run leaves nothing behind.
+    A failure for want of space or permission becomes a WriteError naming `path`."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+        os.close(fd)
         yield tmp
         # mkstemp makes the file owner-only; give the result the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError) and e.errno in WRITE_ERRNOS:
+            raise write_error(e, path) from None
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb"):
+    """open() of a temporary file that becomes `path` once closed without error (see atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+
+
+def _write_through(save, f) -> None:
+    writer = _Writer(f)
+    try:
+        save(writer)
+    except (RuntimeError, OSError):
+        if writer.error is not None:
+            raise writer.error from None
         raise
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_open(path) as f:
+        _write_through(lambda w: torch.save(obj, w), f)
+
+
+def atomic_torch_save_set(items) -> None:
+    """torch.save each (obj, path) of `items` as one set: all go to temporary files first, then they are renamed
+    in reverse order, so the first path appears only once the others are in place (and not at all if any
+    write fails). A reader that sees the first file can rely on the rest of the set."""
+    with contextlib.ExitStack() as stack:
+        for obj, path in items:
+            f = stack.enter_context(atomic_open(path))
+            _write_through(lambda w: torch.save(obj, w), f)
 
 
 def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+    with atomic_open(path) as f:
+        _write_through(lambda w: np.save(w, array), f)
+
+
+def read_text(path: str) -> str:
+    """A text file as str: UTF-8, with or without a byte-order mark (editors on Windows add one), or UTF-16/32
+    marked by theirs; any other encoding is an error naming the file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    for bom, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                          (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+                          (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            break
+    else:
+        encoding = "utf-8"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not {encoding.upper()} text (byte {data[e.start:e.start + 1]!r} at offset {e.start}); "
+                         "save it as UTF-8") from None
 
 
 def read_json_object(path: str, what: str) -> dict:
     """A JSON file that must hold an object; bad JSON or another type is an error naming the file."""
-    with open(path) as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    try:
+        obj = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object of {what}, found {type(obj).__name__}")
     return obj
 
 
 def atomic_write_json(path: str, obj) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
 
 
 @contextlib.contextmanager

@@ -23,11 +23,16 @@ class CheckpointError(ValueError):
 
 def safe_load(path: str, what: str = "checkpoint"):
     """torch.load on CPU with weights_only=True, turning torch's internal errors into one clear message."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{what} {path!r} is a folder; expected a checkpoint file inside it (e.g. a .pt file)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not _looks_like_torch_file(path):
+            raise CheckpointError(f"{what} {path!r} is not a PyTorch checkpoint: it is neither a zip archive "
+                                  "(torch.save's format) nor a pickle (the legacy one)") from None
         if "Weights only load failed" in str(e):
             raise CheckpointError(
                 f"{what} {path!r} was refused: it holds pickled objects other than tensors and plain containers, "
@@ -39,6 +44,14 @@ def safe_load(path: str, what: str = "checkpoint"):
         raise CheckpointError(
             f"{what} {path!r} is not a readable PyTorch checkpoint (truncated, corrupt or another format): {first_line}"
         ) from None
+
+
+def _looks_like_torch_file(path: str) -> bool:
+    """torch.save writes a zip archive, or (legacy) a pickle stream starting with PROTO 2+; other bytes (a
+    truncated download, an image) are not a checkpoint, whatever torch's unpickler makes of them."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def read_state_dict(path: str, what: str = "DDPM checkpoint", key: str = None) -> dict:
@@ -56,6 +69,11 @@ def read_state_dict(path: str, what: str = "DDPM checkpoint", key: str = None) -
 
 def _flag_hints(expected: dict, found: dict) -> list:
     """Guess which model flag explains a key/shape mismatch, from the parameters that reveal each flag."""
+    unet_parts = ("time_embed.", "input_blocks.", "middle_block.", "output_blocks.", "out.", "label_emb.")
+    if not any(k.startswith(unet_parts) for k in found):
+        return [f"this is not a guided-diffusion UNet checkpoint: none of its {len(found)} keys "
+                f"(e.g. {', '.join(list(found)[:3])}) belongs to one (time_embed, input_blocks, middle_block, "
+                "output_blocks, out)"]
     hints = []
 
     def shape(sd, key):
@@ -79,7 +97,8 @@ def _flag_hints(expected: dict, found: dict) -> list:
     if n_exp != n_found:
         hints.append(
             f"the checkpoint has {n_found} input blocks, the model {n_exp}: the number of resolution levels "
-            "or res blocks differs; check --image_size (it sets the default channel_mult), --channel_mult "
+            "or res blocks differs; check the image size (dim[0] of an experiment config, which overrides "
+            "--image_size; --image_size in train-ddpm), which sets the default channel_mult, then --channel_mult "
             "and --num_res_blocks"
         )
     if ("label_emb.weight" in found) != ("label_emb.weight" in expected):
@@ -97,10 +116,16 @@ def _flag_hints(expected: dict, found: dict) -> list:
         if k in expected and k.startswith(("input_blocks.", "output_blocks.")) and k.endswith("in_layers.0.weight")
     )
     if widths_differ and emb_exp == emb_found:
-        hints.append("the channel widths per level differ: check --channel_mult, or --image_size, which sets its default")
-    key = "input_blocks.1.0.emb_layers.1.weight"
-    if shape(expected, key) and shape(found, key) and shape(expected, key)[0] != shape(found, key)[0]:
-        hints.append(f"try --use_scale_shift_norm {'True' if shape(found, key)[0] > shape(expected, key)[0] else 'False'}")
+        hints.append("the channel widths per level differ: check --channel_mult, or the image size (dim[0] of an "
+                     "experiment config, --image_size in train-ddpm), which sets its default")
+
+    def scale_shift(sd):
+        # With scale-shift norm the timestep embedding gives 2 values (scale, shift) per output channel.
+        emb, conv = shape(sd, "input_blocks.1.0.emb_layers.1.weight"), shape(sd, "input_blocks.1.0.out_layers.3.weight")
+        return emb[0] == 2 * conv[0] if emb and conv else None
+
+    if None not in (scale_shift(expected), scale_shift(found)) and scale_shift(expected) != scale_shift(found):
+        hints.append(f"try --use_scale_shift_norm {scale_shift(found)}")
     return hints
 
 
@@ -131,6 +156,8 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str
     report = mismatch_report(expected, state_dict)
     if report:
         causes = hints(expected, state_dict) if hints else []
+        if causes and not set(expected) & set(state_dict):  # nothing in common: key listings would only be noise
+            raise CheckpointError(f"{source!r} cannot be loaded: {causes[0]}")
         message = f"{source!r} does not match the model it is loaded into:\n" + report
         if causes:
             message += "\n  probable cause:\n    " + "\n    ".join(causes)

@@ -46,8 +46,8 @@ def test_use_fp16_on_cpu_warns_and_stays_float32(tmp_path):
 @pytest.mark.parametrize("saved_flags,hint", [
     ({"learn_sigma": False}, "3 output channels, the model 6: try --learn_sigma False"),
     ({"num_channels": 64}, "64 base channels: try --num_channels 64"),
-    ({"image_size": 64, "channel_mult": "1,2,3,4"}, "check --channel_mult, or --image_size"),
-    ({"image_size": 64}, "or --image_size, which sets its default"),
+    ({"image_size": 64, "channel_mult": "1,2,3,4"}, "check --channel_mult, or the image size (dim[0]"),
+    ({"image_size": 64}, "--image_size in train-ddpm), which sets its default"),
     ({"image_size": 16}, "the number of resolution levels or res blocks differs"),
     ({"class_cond": True}, "try --class_cond True"),
     ({"attention_resolutions": "8"}, "check --attention_resolutions"),

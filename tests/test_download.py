@@ -6,13 +6,14 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ddpm_seg import download
+from ddpm_seg import cli, download
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = bytes(range(256)) * 1200  # 307200 bytes: several reads, cut in the middle of one
@@ -171,7 +172,7 @@ def test_404_on_every_source_names_urls_and_status(server, table, tmp_path, caps
     assert rc == 1
     assert f"{server.url}/models/ckpt.pt answered HTTP 404" in err
     assert f"{server.url}/alt/ckpt.pt?dl=1 answered HTTP 404" in err
-    assert not (tmp_path / "checkpoints/ckpt.pt").exists()
+    assert not (tmp_path / "checkpoints").exists()  # no empty folder is left behind either
 
 
 def test_alternative_source_used_when_primary_fails(server, table, tmp_path, capsys, monkeypatch):
@@ -193,9 +194,13 @@ def test_unreachable_network_names_each_url(table, tmp_path, capsys):
     assert "check the network connection" in err
 
 
-def test_unknown_name_lists_valid_ones(table, tmp_path, capsys):
-    rc, err = run(["nope"], table, tmp_path, "http://127.0.0.1:9", capsys)
-    assert rc == 1 and "unknown download 'nope'; valid names: ckpt, archive" in err
+def test_unknown_name_lists_valid_ones_and_exits_2(table, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ddpm-seg", "download", "ckpt", "nope", "--table", str(table),
+                                      "--root", str(tmp_path), "--base-url", "http://127.0.0.1:9"])
+    assert cli.entry() == 2
+    err = capsys.readouterr().err
+    assert err == "ddpm-seg download: error: unknown download(s) 'nope'; valid names: ckpt, archive\n"
+    assert os.listdir(tmp_path) == ["downloads.json"]  # nothing was fetched, not even the valid name
 
 
 def test_archive_is_extracted_then_removed_and_not_fetched_again(server, table, tmp_path, capsys):

@@ -176,3 +176,46 @@ def test_missing_ensemble_is_a_clear_error(experiment, tmp_path):
     exp, _ = experiment
     with pytest.raises(FileNotFoundError, match="model_0.pth"):
         _generate(_argv(exp, tmp_path / "out", "--run_dir", str(tmp_path / "nowhere")))
+
+
+def test_a_second_run_into_the_same_folder_is_refused_not_left_waiting(experiment, tmp_path):
+    exp, _ = experiment
+    folder = tmp_path / "samples_16x16x3_shards"
+    folder.mkdir()
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live run holding the lock
+    try:
+        (folder / gen.LOCK_NAME).write_text(f"{owner.pid} {__import__('socket').gethostname()}\n")
+        with pytest.raises(ValueError, match=rf"in use by another generate-dataset run \(process {owner.pid} on"):
+            _generate(_argv(exp, tmp_path))
+        assert sorted(os.listdir(folder)) == [gen.LOCK_NAME]  # nothing written, the owner's lock kept
+    finally:
+        owner.kill()
+        owner.wait()
+    # Its process gone, the lock is stale: the next run takes it over, finishes and releases it.
+    result = _generate(_argv(exp, tmp_path))
+    assert len(_arrays(result["path"])[0]) == 5 and not os.path.exists(folder / gen.LOCK_NAME)
+
+
+def test_a_missing_ensemble_leaves_no_folder_that_refuses_the_next_try(experiment, tmp_path):
+    exp, _ = experiment
+    with pytest.raises(FileNotFoundError, match="model_0.pth"):
+        _generate(_argv(exp, tmp_path / "out", "--seed", "7"))  # no ensemble was trained with seed 7
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_more_samples_continue_a_finished_run(experiment, tmp_path, monkeypatch):
+    exp, _ = experiment
+
+    def argv(n):
+        return ["--exp", exp, "--device", "cpu", "--num_samples", str(n), "--batch_size", "2", "--out_dir", str(tmp_path)]
+
+    first = _arrays(_generate(argv(4))["path"])
+    sampled, real_sample = [], gen.sample_images
+    monkeypatch.setattr(gen, "sample_images", lambda model, diffusion, indices, *a: sampled.append(list(indices))
+                        or real_sample(model, diffusion, indices, *a))
+    grown = _generate(argv(6))
+    assert grown["new_samples"] == 2 and sampled == [[4, 5]]  # only the new samples are made
+    arrays = _arrays(grown["path"])
+    assert len(arrays[0]) == 6 and all(np.array_equal(a[:4], b) for a, b in zip(arrays, first))
+    with pytest.raises(ValueError, match="already holds 6 samples, more than --num_samples 4"):
+        _generate(argv(4))

@@ -81,11 +81,11 @@ def test_resume_follows_the_uninterrupted_run(images, tmp_path):
     for a, b in [(straight["model"], resumed["model"]), (straight["ema"][0.9], resumed["ema"][0.9])]:
         sa, sb = _sd(a), _sd(b)
         assert all(torch.allclose(sa[k], sb[k], rtol=0, atol=1e-6) for k in sa), (a, b)
-    # Without the saved EMA and optimizer the continuation differs, so the check above has teeth.
+    # Without the saved EMA and optimizer the continuation would differ: such a set is refused, not resumed fresh.
     os.remove(tmp_path / "a" / "ema_0.9_000003.pt")
     os.remove(tmp_path / "a" / "opt000003.pt")
-    fresh = train_ddpm({**common, "out_dir": str(tmp_path / "c"), "resume_checkpoint": middle})
-    assert not torch.allclose(_sd(fresh["ema"][0.9])["out.2.weight"], _sd(straight["ema"][0.9])["out.2.weight"])
+    with pytest.raises(ValueError, match="incomplete checkpoint set, ema_0.9_000003.pt, opt000003.pt missing"):
+        train_ddpm({**common, "out_dir": str(tmp_path / "c"), "resume_checkpoint": middle})
 
 
 def test_microbatches_give_the_full_batch_update(images, tmp_path):
@@ -152,3 +152,64 @@ def test_two_process_ddp_on_cpu(images, tmp_path):
         model, _ = create_model_and_diffusion(**json.load(f))
     model.load_state_dict(_sd(tmp_path / "model000002.pt"), strict=True)
     assert model.out[2].weight.abs().sum() > 0  # trained: the zero-initialised head moved
+
+
+def test_a_save_cut_short_publishes_no_file_of_the_set(images, tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def save_fails_on_the_optimizer(obj, f, *args, **kwargs):
+        calls.append(obj)
+        if set(obj) == {"state", "param_groups"}:  # the last file of the set
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_fails_on_the_optimizer)
+    with pytest.raises(OSError, match=r"cannot write .*opt000001.pt: no space left on the device"):
+        train_ddpm({**TINY, "data_dir": images, "out_dir": str(tmp_path), "max_steps": 1})
+    assert len(calls) == 3  # model and EMA were written (to temporary files), then the optimizer failed
+    assert sorted(os.listdir(tmp_path)) == ["model_flags.json", "train_log.jsonl"]  # no model without its set
+
+
+def test_rerun_resumes_from_the_last_complete_set_and_removes_stale_files(images, tmp_path, capsys):
+    common = {**TINY, "data_dir": images, "out_dir": str(tmp_path), "lr": 1e-3, "ema_rate": "0.9", "save_interval": 1}
+    train_ddpm({**common, "max_steps": 2})
+    os.remove(tmp_path / "opt000002.pt")  # as if killed while publishing step 2's set
+    (tmp_path / ".model000003.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    result = train_ddpm({**common, "max_steps": 3})  # no --resume_checkpoint: resumes by default
+    err = capsys.readouterr().err
+    assert (f"resuming from {tmp_path}/model000001.pt, the last complete checkpoint set in --out_dir "
+            "(model000002.pt is an incomplete set and is not used)") in err
+    assert result["step"] == 3
+    assert [json.loads(line)["step"] for line in open(result["log"])] == [1, 2, 2, 3]  # steps 2 and 3 trained again
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [f"{kind}{s:06d}.pt" for kind in ("model", "opt", "ema_0.9_") for s in (1, 2, 3)]
+        + ["model_flags.json", "train_log.jsonl"])  # step 2's set was written whole, the stale .tmp is gone
+    # Resuming into a folder of another model is refused rather than mixed.
+    with pytest.raises(ValueError, match=r"holds checkpoints made with other model flags \(\{'num_channels': 32\} vs"):
+        train_ddpm({**common, "max_steps": 4, "num_channels": 64})
+
+
+def test_ctrl_c_in_train_ddpm_exits_130_naming_the_last_set(images, tmp_path, monkeypatch, capsys):
+    import ddpm_seg.train_ddpm as module
+    from ddpm_seg import cli
+
+    real_step, steps = module._train_step, []
+
+    def ctrl_c_at_step_3(*args):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(module, "_train_step", ctrl_c_at_step_3)
+    argv = [f"--{k}={v}" for k, v in TINY.items()] + [f"--data_dir={images}", f"--out_dir={tmp_path}",
+                                                     "--save_interval=2", "--max_steps=5"]
+    monkeypatch.setattr(sys, "argv", ["ddpm-seg", "train-ddpm", *argv])
+    assert cli.entry() == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"ddpm-seg train-ddpm: interrupted: stopped after step 2; the last checkpoint set is model000002.pt (step 2) "
+        f"in {tmp_path}: run the same command again to resume from it")
+    assert "Traceback" not in err

@@ -33,11 +33,23 @@ def register(model_type: str):
     return wrap
 
 
-def create_feature_extractor(cfg: dict, model_flags: dict, device, seed: int = 0, random_init: bool = False):
+def create_feature_extractor(cfg: dict, model_flags: dict, device, seed: int = 0, random_init: bool = False,
+                             config_path: str = None):
+    """The backbone cfg names, built; with config_path, a config value the backbone refuses (a block or step
+    out of range, an unknown model_type) is reported as an error of that file."""
     # Import the built-in backbones so they register themselves.
+    from guided_diffusion.checkpoint import CheckpointError
+
     from . import ddpm, mae, pixels, swav  # noqa: F401
 
-    model_type = cfg["model_type"]
-    if model_type not in BACKBONES:
-        raise ValueError(f"unknown model_type {model_type!r}; available backbones: {sorted(BACKBONES)}")
-    return BACKBONES[model_type](cfg, model_flags, device, seed, random_init)
+    try:
+        model_type = cfg["model_type"]
+        if model_type not in BACKBONES:
+            raise ValueError(f"unknown model_type {model_type!r}; available backbones: {sorted(BACKBONES)}")
+        return BACKBONES[model_type](cfg, model_flags, device, seed, random_init)
+    except CheckpointError:
+        raise  # names its own file
+    except ValueError as e:
+        if config_path is None:
+            raise
+        raise ValueError(f"{config_path}: {e}") from None
