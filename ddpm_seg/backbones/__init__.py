@@ -35,7 +35,7 @@ def register(model_type: str):
 
 def create_feature_extractor(cfg: dict, model_flags: dict, device, seed: int = 0, random_init: bool = False):
     # Import the built-in backbones so they register themselves.
-    from . import ddpm, mae, pixels, swav  # noqa: F401
+    from . import ddpm, hf_diffusion, mae, pixels, swav  # noqa: F401
 
     model_type = cfg["model_type"]
     if model_type not in BACKBONES:

@@ -31,6 +31,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DENOISERS = ("unet", "transformer")
 TEXT_ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 COMPONENTS = DENOISERS + ("vae", "scheduler") + sum(TEXT_ENCODERS, ())
+CROSS_ATTENTION_TEXT = re.compile(r"attn2\.to_[kv]$")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 HUB_PROBE_TIMEOUT_S = 5
 INSTALL_HINT = "pip install -e '.[diffusers]'"
@@ -141,7 +142,8 @@ def as_map(name: str, output, latent_hw) -> torch.Tensor:
     if output.ndim == 4:
         return output
     if output.ndim == 3:
-        grid = token_grid(output.shape[1], latent_hw)
+        # Cross-attention keys/values are text tokens, whatever their count happens to be.
+        grid = None if CROSS_ATTENTION_TEXT.search(name) else token_grid(output.shape[1], latent_hw)
         if grid is None:
             raise ValueError(f"blocks: module {name!r} gives {output.shape[1]} tokens, which are not image tokens on "
                              f"the {latent_hw[0]}x{latent_hw[1]} latent grid (text keys/values such as attn2.to_k "
