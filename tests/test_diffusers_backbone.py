@@ -20,8 +20,9 @@ from scenes import write_splits  # noqa: E402
 
 from ddpm_seg.backbones import create_feature_extractor  # noqa: E402
 from ddpm_seg.backbones.hf_diffusion import DiffusersFeatureExtractor, latent_shape, load_components  # noqa: E402
+from ddpm_seg.bench_diffusers import ARCHS, feature_shapes  # noqa: E402
 from ddpm_seg.cli import main as cli_main  # noqa: E402
-from ddpm_seg.config import experiment_suffix, validate_experiment  # noqa: E402
+from ddpm_seg.config import experiment_suffix, load_experiment, validate_experiment  # noqa: E402
 
 SIZE = 32  # image side; the tiny VAEs halve it once, so latents are 16x16
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -311,6 +312,22 @@ def test_config_takes_module_names_for_diffusers_only():
     suffix = experiment_suffix(config("m", blocks=long_names))
     assert len(suffix) < 130 and suffix.startswith("10_60_blocks-")
     assert suffix != experiment_suffix(config("m", blocks=long_names[:-1]))
+
+
+def test_sd15_configs_give_the_features_their_dim_says():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    blocks = ARCHS["sd15"][3]
+    # The real SD-1.5 UNet and VAE architecture run on the meta device: exact shapes, no compute.
+    shapes = feature_shapes("sd15", [50, 150], blocks, 512)
+    assert shapes[:5] == [(1280, 16, 16), (1280, 32, 32), (640, 32, 32), (640, 32, 32), (640, 64, 64)]
+    for dataset in ("bedroom_28", "ffhq_34", "cat_15", "horse_21", "celeba_19", "ade_bedroom_30"):
+        sd15 = load_experiment(os.path.join(root, "experiments", dataset, "sd15.json"))
+        ddpm = load_experiment(os.path.join(root, "experiments", dataset, "ddpm.json"))
+        assert sd15["steps"] == [50, 150] and sd15["blocks"] == blocks
+        assert sd15["dim"] == [512, 512, sum(s[0] for s in shapes)] == [512, 512, 8960]
+        same = ("category", "number_class", "ignore_label", "training_path", "testing_path", "training_number",
+                "testing_number", "model_num", "batch_size")
+        assert {k: sd15.get(k) for k in same} == {k: ddpm.get(k) for k in same}
 
 
 def test_load_components_skips_parts_features_do_not_need(pipelines):
