@@ -5,8 +5,9 @@ The models are built at random initialisation from the public architectures of t
 unet/ and vae/ config.json of stable-diffusion-v1-5 and stable-diffusion-xl-base-1.0), so nothing is
 downloaded; random weights cost the same FLOPs as trained ones. The text encoders are left out: they run
 once per experiment, not per image, so the benchmark feeds the UNet a random prompt embedding of the
-encoders' output shape instead. Each dtype builds its own model (the bfloat16 one directly in bfloat16),
-extracts one untimed warm-up image, then times --images images one by one.
+encoders' output shape instead. Each architecture is built once in float32 and timed in each dtype in turn
+(converted in place): --warmup untimed images, then --images images one by one. Feature sizes come from a
+forward on the meta device (shapes only).
 """
 
 import argparse
@@ -15,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from .backbones.hf_diffusion import DiffusersFeatureExtractor, import_diffusers
 from .utils import atomic_write_json
@@ -83,11 +85,13 @@ def make_extractor(arch: str, parts: dict, steps, blocks) -> DiffusersFeatureExt
     return extractor
 
 
-def feature_shapes(arch: str, steps, blocks, size: int) -> list:
-    """(C, h, w) of every map for a size x size image, from a forward on the meta device (no compute)."""
+def feature_shapes(arch: str, steps, blocks, size: int) -> tuple:
+    """(C, h, w) of every map for a size x size image and the FLOPs of its extraction (VAE encoder + UNet up to
+    the last block read), from a forward on the meta device: exact shapes and counts, no compute."""
     extractor = make_extractor(arch, build_parts(arch, torch.float32, "meta"), steps, blocks)
-    images = np.zeros((size, size, 3), dtype=np.uint8)
-    return [tuple(m.shape) for m in extractor(images)]
+    with FlopCounterMode(display=False) as counter:
+        maps = extractor(np.zeros((size, size, 3), dtype=np.uint8))
+    return [tuple(m.shape) for m in maps], counter.get_total_flops()
 
 
 def available_gb() -> float:
@@ -95,26 +99,41 @@ def available_gb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
 
 
-def bench(arch, dtype_name, steps, blocks, size, num_images, seed=0) -> dict:
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    parts = build_parts(arch, DTYPES[dtype_name])
-    build_s = time.perf_counter() - start
-    extractor = make_extractor(arch, parts, steps, blocks)
-    images = np.random.default_rng(seed).integers(0, 256, (num_images + 1, size, size, 3), dtype=np.uint8)
-    shapes = [tuple(m.shape) for m in extractor(images[0])]  # warm-up
+def time_extraction(extractor, images, warmup: int) -> list:
+    """Seconds per image, one image per call, after `warmup` untimed images."""
+    for image in images[:warmup]:
+        extractor(image)
     times = []
-    for image in images[1:]:
+    for image in images[warmup:]:
         start = time.perf_counter()
         extractor(image)
         times.append(time.perf_counter() - start)
+    return times
+
+
+def bench(arch, dtype_names, steps, blocks, size, num_images, warmup, seed=0) -> list:
+    """One model per arch, built in float32 and timed in each dtype in turn (converted in place), on the
+    same images."""
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    parts = build_parts(arch, torch.float32)
+    build_s = time.perf_counter() - start
     params = sum(p.numel() for p in parts["unet"].parameters())
-    return {"arch": arch, "dtype": dtype_name, "unet_params": params, "build_s": build_s, "times_s": times,
-            "median_s": statistics.median(times), "shapes": shapes, "features": sum(s[0] for s in shapes)}
+    images = np.random.default_rng(seed).integers(0, 256, (warmup + num_images, size, size, 3), dtype=np.uint8)
+    results = []
+    for dtype_name in dtype_names:
+        for name in ("unet", "vae"):
+            parts[name].to(DTYPES[dtype_name])
+        extractor = make_extractor(arch, parts, steps, blocks)
+        times = time_extraction(extractor, images, warmup)
+        results.append({"arch": arch, "dtype": dtype_name, "unet_params": params, "build_s": build_s,
+                        "times_s": times, "median_s": statistics.median(times)})
+        print("  " + format_row(results[-1]), flush=True)
+    return results
 
 
 def format_row(r) -> str:
-    return (f"{r['arch']:5s} {r['dtype']:9s} {r['unet_params'] / 1e6:7.0f}M  {r['features']:6d}  "
+    return (f"{r['arch']:5s} {r['dtype']:9s} {r['unet_params'] / 1e6:7.0f}M UNet  "
             f"{r['median_s']:8.2f} s  (each: {', '.join(f'{t:.2f}' for t in r['times_s'])}; build {r['build_s']:.0f} s)")
 
 
@@ -125,13 +144,14 @@ def main(argv):
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma list of " + ", ".join(DTYPES))
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--steps", default="50,150", help="diffusion steps, one forward of all of them per image")
-    parser.add_argument("--images", type=int, default=3, help="timed images per model (after one warm-up)")
+    parser.add_argument("--images", type=int, default=3, help="timed images per model and dtype")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed images before them")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     archs, dtypes = args.archs.split(","), args.dtypes.split(",")
     bad = [a for a in archs if a not in ARCHS] + [d for d in dtypes if d not in DTYPES]
-    if bad or args.images < 1 or args.size < 64:
+    if bad or args.images < 1 or args.warmup < 0 or args.size < 64:
         raise ValueError(f"--archs from {list(ARCHS)}, --dtypes from {list(DTYPES)}, --images >= 1, --size >= 64; "
                          f"got {bad or (args.images, args.size)}")
     if args.threads:
@@ -140,19 +160,17 @@ def main(argv):
     results = []
     for arch in archs:
         blocks = ARCHS[arch][3]
-        shapes = feature_shapes(arch, steps, blocks, args.size)
+        shapes, flops = feature_shapes(arch, steps, blocks, args.size)
         print(f"{arch} at {args.size}x{args.size}, steps {steps}, blocks {blocks}:")
         print(f"  maps (C, h, w): {shapes}; {sum(s[0] for s in shapes)} features per pixel; "
-              f"{sum(c * h * w for c, h, w in shapes) * 2 / 2**20:.1f} MiB per image in a bfloat16 store")
-        for dtype_name in dtypes:
-            params = sum(p.numel() for p in build_parts(arch, DTYPES[dtype_name], "meta")["unet"].parameters())
-            need = 1.5 * (params + 34e6) * DTYPES[dtype_name].itemsize / 2**30  # UNet + VAE, with headroom
-            if available_gb() < need:
-                print(f"  {dtype_name}: skipped, needs ~{need:.0f} GB and {available_gb():.0f} GB are available")
-                continue
-            result = bench(arch, dtype_name, steps, blocks, args.size, args.images)
-            results.append(result)
-            print("  " + format_row(result), flush=True)
+              f"{sum(c * h * w for c, h, w in shapes) * 2 / 2**20:.1f} MiB per image in a bfloat16 store; "
+              f"{flops / 1e9:.0f} GFLOP per image (VAE encoder + UNet to the last block read)")
+        params = sum(p.numel() for p in build_parts(arch, torch.float32, "meta")["unet"].parameters())
+        need = 1.5 * (params + 34e6) * 4 / 2**30  # float32 UNet + VAE, with headroom
+        if available_gb() < need:
+            print(f"  skipped: needs ~{need:.0f} GB and {available_gb():.0f} GB are available")
+            continue
+        results += bench(arch, dtypes, steps, blocks, args.size, args.images, args.warmup)
     print(f"\nseconds per {args.size}x{args.size} image (median of {args.images}), {torch.get_num_threads()} threads:")
     for r in results:
         print(format_row(r))

@@ -260,6 +260,19 @@ def test_batch_equals_single_images(pipelines, family):
             torch.testing.assert_close(m[i], single, rtol=1e-4, atol=1e-5)
 
 
+def test_random_init_and_bfloat16(pipelines):
+    image = images(1)[0]
+    trained = extractor(pipelines["sd"], blocks=["up_blocks.1"])(image)[0]
+    cfg = config(pipelines["sd"], blocks=["up_blocks.1"])
+    random = [create_feature_extractor(cfg, {}, torch.device("cpu"), seed=3, random_init=True)(image)[0] for _ in range(2)]
+    assert torch.equal(random[0], random[1]) and not torch.allclose(random[0], trained)  # seeded, and not the weights
+    half = extractor(pipelines["sd"], blocks=["up_blocks.1"], dtype="bfloat16")
+    assert half.dtype == torch.bfloat16
+    maps = half(image)[0]
+    assert maps.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(maps.flatten(), trained.flatten(), dim=0) > 0.99
+
+
 def test_bad_module_name_lists_close_names(pipelines):
     with pytest.raises(ValueError, match=r"no module 'up_blocks\.1\.attention\.0'.*close names: .*up_blocks\.1\.attentions\.0"):
         extractor(pipelines["sd"], blocks=["up_blocks.1.attention.0"])
@@ -318,7 +331,7 @@ def test_sd15_configs_give_the_features_their_dim_says():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     blocks = ARCHS["sd15"][3]
     # The real SD-1.5 UNet and VAE architecture run on the meta device: exact shapes, no compute.
-    shapes = feature_shapes("sd15", [50, 150], blocks, 512)
+    shapes, _ = feature_shapes("sd15", [50, 150], blocks, 512)
     assert shapes[:5] == [(1280, 16, 16), (1280, 32, 32), (640, 32, 32), (640, 32, 32), (640, 64, 64)]
     for dataset in ("bedroom_28", "ffhq_34", "cat_15", "horse_21", "celeba_19", "ade_bedroom_30"):
         sd15 = load_experiment(os.path.join(root, "experiments", dataset, "sd15.json"))

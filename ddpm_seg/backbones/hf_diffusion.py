@@ -170,7 +170,7 @@ def encode_prompt(parts: dict, prompt: str, device) -> dict:
     pairs = [(parts[t], parts[e]) for t, e in TEXT_ENCODERS if e in parts]
     if not pairs:
         return {}
-    denoiser = parts.get("unet") or parts["transformer"]
+    denoiser = parts["unet"] if "unet" in parts else parts["transformer"]
     sdxl = getattr(denoiser.config, "addition_embed_type", None) == "text_time"
     states, kwargs = [], {}
     for tokenizer, encoder in pairs:
@@ -187,13 +187,20 @@ def encode_prompt(parts: dict, prompt: str, device) -> dict:
         else:
             states.append(encoder(tokens.input_ids)[0])
     kwargs["encoder_hidden_states"] = torch.cat(states, dim=-1)
+    if sdxl:
+        # SDXL base conditions: pooled text + six size ids (the refiner's aesthetic-score ids are not built here).
+        expected = kwargs["added_cond_kwargs"]["text_embeds"].shape[-1] + 6 * denoiser.config.addition_time_embed_dim
+        if denoiser.config.projection_class_embeddings_input_dim != expected:
+            raise ValueError(f"this UNet takes {denoiser.config.projection_class_embeddings_input_dim} added condition "
+                             f"channels, not SDXL base's pooled text + 6 size ids ({expected}); only SDXL base-style "
+                             "pipelines are supported")
     return kwargs
 
 
 class DiffusersFeatureExtractor:
     def __init__(self, parts: dict, steps, blocks, prompt: str = "", noise_draws: int = 1, noise=None,
                  model_path: str = "<model>"):
-        self.denoiser = parts.get("unet") or parts["transformer"]
+        self.denoiser = parts["unet"] if "unet" in parts else parts["transformer"]
         self.vae, self.scheduler = parts.get("vae"), parts["scheduler"]
         num_timesteps = self.scheduler.config.num_train_timesteps
         bad_steps = [t for t in steps if not 0 <= t < num_timesteps]
