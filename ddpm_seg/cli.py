@@ -18,6 +18,7 @@ COMMANDS = {
     "train-deeplab": ("train_deeplab", "train DeepLabV3 on a DatasetDDPM/DatasetGAN .npz, evaluate mIoU on real images"),
     "sweep": ("sweep", "mIoU of a light interpreter per (step, block) on cached activations: heat-map + CSV"),
     "bench": ("bench", "memory and speed benchmark of the feature store, ensemble training and prediction"),
+    "bench-diffusers": ("bench_diffusers", "feature sizes and extraction time of SD-1.5- and SDXL-sized random UNets"),
     "download": ("download", "fetch datasets and checkpoints with resume and checksum verification"),
     "report": ("report", "collect finished runs' metrics.json into a mean ± std table (markdown + CSV)"),
 }

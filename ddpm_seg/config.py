@@ -1,5 +1,7 @@
 """Experiment configs: the original ddpm-segmentation JSON files, loaded unchanged and validated."""
 
+import hashlib
+import json
 import os
 
 from guided_diffusion.checkpoint import read_model_flags
@@ -35,7 +37,14 @@ EXPERIMENT_KEYS = {
     # Ours, for datasets outside the paper's six (their names come from the packaged class table).
     "class_names": (list, False),
     "palette": (list, False),  # flat [r0, g0, b0, r1, ...], one colour per class
+    # model_type "diffusers" only (ddpm_seg/backbones/hf_diffusion.py).
+    "prompt": (str, False),
+    "noise_draws": (int, False),
+    "dtype": (str, False),
 }
+DIFFUSERS_ONLY = ("prompt", "noise_draws", "dtype")
+DIFFUSERS_DTYPES = ("float32", "bfloat16", "float16")
+MAX_SUFFIX = 120
 
 
 def _check_int_list(path, key, value, length=None):
@@ -48,15 +57,12 @@ def _check_int_list(path, key, value, length=None):
 
 
 def _ascending(path, key, values):
-    """`values` with repeats refused and integers sorted: the original extractor reads output blocks in index
-    order, so [5, 2] and [2, 5] are the same features (and the same run folder). Other entries (a backbone's
-    module names) keep their order."""
+    """Integer `values` sorted, repeats refused: the original extractor reads output blocks in index order,
+    so [5, 2] and [2, 5] are the same features (and the same run folder)."""
     repeated = sorted({str(v) for v in values if values.count(v) > 1})
     if repeated:
         raise ValueError(f"{path}: {key!r} lists {', '.join(repeated)} more than once ({values}); name each entry once")
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return sorted(values)
-    return list(values)
+    return sorted(values)
 
 
 def _check_class_names(cfg, path):
@@ -69,6 +75,20 @@ def _check_class_names(cfg, path):
     if info["number_class"] != cfg["number_class"]:
         raise ValueError(f"{path}: category {category!r} has {info['number_class']} classes but number_class is "
                          f"{cfg['number_class']}; add 'class_names' ({cfg['number_class']} names) or fix number_class")
+
+
+def _check_diffusers_keys(path, cfg):
+    """blocks name denoiser modules, read in the order given; the checks against the model come when it loads."""
+    blocks = cfg["blocks"]
+    if not all(isinstance(b, str) and b for b in blocks):
+        raise ValueError(f"{path}: 'blocks' of a diffusers model must be module names like \"up_blocks.1\", got {blocks!r}")
+    repeated = sorted({b for b in blocks if blocks.count(b) > 1})
+    if repeated:
+        raise ValueError(f"{path}: 'blocks' lists {repeated} more than once")
+    if cfg.get("noise_draws", 1) < 1:
+        raise ValueError(f"{path}: 'noise_draws' must be >= 1, got {cfg['noise_draws']}")
+    if cfg.get("dtype", "float32") not in DIFFUSERS_DTYPES:
+        raise ValueError(f"{path}: 'dtype' must be one of {list(DIFFUSERS_DTYPES)}, got {cfg['dtype']!r}")
 
 
 def validate_experiment(cfg: dict, path: str = "<config>") -> dict:
@@ -84,9 +104,15 @@ def validate_experiment(cfg: dict, path: str = "<config>") -> dict:
             raise ValueError(f"{path}: {key!r} must be of type {expected.__name__}, got {value!r}")
     _check_int_list(path, "dim", cfg["dim"], length=3)
     _check_int_list(path, "steps", cfg["steps"])
-    _check_int_list(path, "blocks", cfg["blocks"])
     cfg["steps"] = _ascending(path, "steps", cfg["steps"])
-    cfg["blocks"] = _ascending(path, "blocks", cfg["blocks"])
+    if cfg["model_type"] == "diffusers":
+        _check_diffusers_keys(path, cfg)
+    else:
+        _check_int_list(path, "blocks", cfg["blocks"])
+        cfg["blocks"] = _ascending(path, "blocks", cfg["blocks"])
+        given = [k for k in DIFFUSERS_ONLY if k in cfg]
+        if given:
+            raise ValueError(f"{path}: {given} apply only to model_type 'diffusers', not {cfg['model_type']!r}")
     if min(cfg["dim"]) <= 0:
         raise ValueError(f"{path}: 'dim' entries must be positive, got {cfg['dim']}")
     for key in ("number_class", "model_num", "batch_size", "training_number", "testing_number"):
@@ -117,7 +143,11 @@ def experiment_suffix(cfg: dict) -> str:
     """The original's folder suffix, e.g. 50_150_250_5_6_7_8_12 (empty for backbones without steps)."""
     if not cfg["steps"]:
         return ""
-    return "_".join(str(v) for v in cfg["steps"] + cfg["blocks"])
+    suffix = "_".join(str(v) for v in cfg["steps"] + cfg["blocks"])
+    if len(suffix) > MAX_SUFFIX:  # long module names: a folder name must stay well under 255 bytes
+        digest = hashlib.sha1(json.dumps(cfg["blocks"]).encode()).hexdigest()[:12]
+        suffix = "_".join(str(v) for v in cfg["steps"]) + f"_blocks-{digest}"
+    return suffix
 
 
 def run_dir(cfg: dict, seed: int, random_init: bool = False) -> str:
@@ -133,6 +163,8 @@ def check_paths(cfg: dict, keys, path: str = "<config>") -> None:
         "testing_path": "download the datasets with datasets/download_datasets.sh",
     }
     for key in keys:
+        if key == "model_path" and cfg["model_type"] == "diffusers":
+            continue  # a folder or a hub id: the backbone resolves it and says what is missing
         if not os.path.exists(cfg[key]):
             raise FileNotFoundError(f"{path}: {key} {cfg[key]!r} does not exist; {hints.get(key, 'check the path')}")
 

@@ -2,7 +2,9 @@
 
 Every download script in the repository calls this one downloader. The named resources live in
 downloads.json beside this file: name -> {"urls": [primary, alternatives...], "dest": path relative to
---root, "sha256": hex or null, "extract_to": folder (archives only)}.
+--root, "sha256": hex or null, "extract_to": folder (archives only), "model_flags": guided-diffusion flags
+(checkpoints whose architecture is not the default; written beside the checkpoint as model_flags.json, which
+train-interpreter and sweep read)}.
 
 A transfer goes to <dest>.part and resumes from there with an HTTP Range request; only a complete,
 size-checked (and, where a sum is recorded, sha256-checked) file is renamed onto <dest>. Archives are
@@ -25,6 +27,8 @@ import urllib.parse
 import urllib.request
 
 from tqdm import tqdm
+
+from guided_diffusion.checkpoint import model_flags_path
 
 from .utils import atomic_path, atomic_write_json
 
@@ -228,6 +232,8 @@ def fetch(name: str, table: dict, root: str = ".", base_url: str | None = None) 
         print(f"{name}: already present at {dest}", file=sys.stderr)
     else:
         sha = download([rebase(u, base_url) for u in entry["urls"]], dest, entry.get("sha256"))
+    if entry.get("model_flags") and not os.path.exists(model_flags_path(dest)):
+        atomic_write_json(model_flags_path(dest), entry["model_flags"])
     if extract_to:
         with new_folders_removed_on_failure(extract_to):
             extract_tar(dest, extract_to)

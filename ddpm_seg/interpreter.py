@@ -130,7 +130,8 @@ class Interpreter:
             seed = int(match.group(1))
         if model_path is not None:
             cfg = dict(cfg, model_path=model_path)
-        if not settings["random_init"] and not os.path.exists(cfg["model_path"]):
+        # A diffusers model_path may be a hub id: that backbone resolves it and says what is missing.
+        if not settings["random_init"] and cfg["model_type"] != "diffusers" and not os.path.exists(cfg["model_path"]):
             raise FileNotFoundError(f"{path}: the backbone checkpoint {cfg['model_path']!r} it was trained with does "
                                     "not exist here; pass its path (--model_path, or Interpreter.load(..., model_path=))")
         device = resolve_device(device)

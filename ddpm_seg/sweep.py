@@ -1,5 +1,8 @@
 """sweep: which diffusion steps and UNet decoder blocks carry the most label information.
 
+Blocks are output-block indices for a DDPM (model_type "ddpm") and module names for a diffusers pipeline
+(model_type "diffusers"), e.g. --blocks up_blocks.1,up_blocks.2.attentions.0.
+
 One light interpreter per (step, block) cell, trained on that single activation map and scored by mIoU on the
 test images; the result is a steps x blocks table, written as sweep.csv and a heat-map sweep.png.
 
@@ -57,6 +60,19 @@ def parse_index_list(text: str, flag: str) -> list:
     return values
 
 
+def parse_block_list(text: str, model_type: str) -> list:
+    """--blocks: indices for a DDPM, comma-separated module names for a diffusers pipeline."""
+    if model_type != "diffusers":
+        return parse_index_list(text, "--blocks")
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise ValueError(f"--blocks: empty module name in {text!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--blocks: {repeated} listed more than once (in {text!r})")
+    return names
+
+
 def single_map_store(store, k):
     """A RAM FeatureStore holding only map k of `store`: the store train-interpreter builds for that one map."""
     sub = FeatureStore([store.map_shapes[k]], store.image_size, store.num_images, dtype=store.dtype)
@@ -71,16 +87,20 @@ def run_sweep(cfg, exp_path, model_flags, args):
     args carries the sweep flags (steps, blocks, members, max_epochs, seed, device, out, store, store_dtype,
     autocast). Returns one dict per cell, step-major: step, block, channels, resolution (h, w), miou.
     """
-    if cfg["model_type"] != "ddpm":
-        raise ValueError(f"{exp_path}: a sweep runs over DDPM steps and blocks; model_type is {cfg['model_type']!r}")
+    if cfg["model_type"] not in ("ddpm", "diffusers"):
+        raise ValueError(f"{exp_path}: a sweep runs over diffusion steps and blocks (model_type 'ddpm' or "
+                         f"'diffusers'); model_type is {cfg['model_type']!r}")
     seed_everything(args.seed)
     device = resolve_device(args.device)
     check_paths(cfg, ["training_path", "testing_path", "model_path"], exp_path)
     steps, blocks = args.steps, args.blocks
     # Built with every step and block so that out-of-range ones fail here, before anything is written.
     base = create_feature_extractor(dict(cfg, steps=steps, blocks=blocks), model_flags, device, seed=args.seed)
-    extractors = {t: DDPMFeatureExtractor(base.model, base.diffusion, [t], blocks, base.input_activations, base.noise)
-                  for t in steps}
+    if cfg["model_type"] == "ddpm":
+        extractors = {t: DDPMFeatureExtractor(base.model, base.diffusion, [t], blocks, base.input_activations,
+                                              base.noise) for t in steps}
+    else:
+        extractors = {t: base.at_steps([t]) for t in steps}
     train_items, test_items = load_split(cfg, "train"), load_split(cfg, "test")
     sampler = training_sampler(cfg, train_items)
     limits = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
@@ -133,8 +153,10 @@ def miou_grid(cells, steps, blocks) -> np.ndarray:
 
 def format_table(cells, steps, blocks) -> str:
     grid = 100 * miou_grid(cells, steps, blocks)
-    lines = ["mIoU %  " + "".join(f"{'b' + str(b):>8}" for b in blocks)]
-    lines += [f"{'t=' + str(t):<8}" + "".join(f"{v:8.2f}" for v in row) for t, row in zip(steps, grid)]
+    labels = [f"b{b}" if isinstance(b, int) else b for b in blocks]
+    widths = [max(8, len(label) + 2) for label in labels]
+    lines = ["mIoU %  " + "".join(f"{label:>{w}}" for label, w in zip(labels, widths))]
+    lines += [f"{'t=' + str(t):<8}" + "".join(f"{v:{w}.2f}" for v, w in zip(row, widths)) for t, row in zip(steps, grid)]
     return "\n".join(lines)
 
 
@@ -152,9 +174,9 @@ def write_csv(path, cells) -> None:
                 f.write(f"{c['step']},{c['block']},{c['channels']},{h}x{w},{c['miou']!r}\n")
 
 
-def cell_origin(i, j):
+def cell_origin(i, j, cell_w=CELL_W):
     """Top-left pixel of the heat-map cell of step row i, block column j."""
-    return LEFT + j * CELL_W, TITLE_H + HEADER_H + i * CELL_H
+    return LEFT + j * cell_w, TITLE_H + HEADER_H + i * CELL_H
 
 
 def _centred(draw, box, text, font, fill):
@@ -175,24 +197,26 @@ def heatmap_picture(cells, steps, blocks) -> Image.Image:
             f"white {100 * grid.max():.1f}"
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     title_w = probe.textbbox((0, 0), title, font=font)[2] + 8
-    width = max(LEFT + len(blocks) * CELL_W, title_w)
+    # Columns widen to fit module names (diffusers blocks); DDPM block indices keep CELL_W.
+    cell_w = max([CELL_W] + [probe.textbbox((0, 0), str(b), font=font)[2] + 8 for b in blocks])
+    width = max(LEFT + len(blocks) * cell_w, title_w)
     canvas = Image.new("RGB", (width, TITLE_H + HEADER_H + len(steps) * CELL_H), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 3), title, fill=INK, font=font)
     _centred(draw, (0, TITLE_H, LEFT, TITLE_H + HEADER_H), "step \\ block", font, INK)
     for j, b in enumerate(blocks):
-        x, _ = cell_origin(0, j)
-        _centred(draw, (x, TITLE_H, x + CELL_W, TITLE_H + HEADER_H), str(b), font, INK)
+        x, _ = cell_origin(0, j, cell_w)
+        _centred(draw, (x, TITLE_H, x + cell_w, TITLE_H + HEADER_H), str(b), font, INK)
     for i, t in enumerate(steps):
         _, y = cell_origin(i, 0)
         _centred(draw, (0, y, LEFT, y + CELL_H), f"t={t}", font, INK)
         for j in range(len(blocks)):
-            x, y = cell_origin(i, j)
+            x, y = cell_origin(i, j, cell_w)
             colour = tuple(int(v) for v in colours[i, j])
-            draw.rectangle((x, y, x + CELL_W - 1, y + CELL_H - 1), fill=colour, outline=GRID)
+            draw.rectangle((x, y, x + cell_w - 1, y + CELL_H - 1), fill=colour, outline=GRID)
             # Dark text on the bright end of the ramp, light text on the dark end.
             luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-            _centred(draw, (x, y, x + CELL_W, y + CELL_H), f"{100 * grid[i, j]:.1f}", font,
+            _centred(draw, (x, y, x + cell_w, y + CELL_H), f"{100 * grid[i, j]:.1f}", font,
                      INK if luminance > 128 else BACKGROUND)
     return canvas
 
@@ -203,9 +227,11 @@ def save_heatmap(path, cells, steps, blocks) -> None:
 
 
 def add_args(parser):
-    parser.add_argument("--exp", required=True, help="experiment config of a DDPM, e.g. experiments/demo/ddpm.json")
+    parser.add_argument("--exp", required=True, help="experiment config of a DDPM or a diffusers pipeline, "
+                                                     "e.g. experiments/demo/ddpm.json")
     parser.add_argument("--steps", default=None, help="diffusion steps, e.g. 50,150,250 (default: the config's)")
-    parser.add_argument("--blocks", default=None, help="UNet output blocks, e.g. 0-17 or 5,6,8-12 (default: the config's)")
+    parser.add_argument("--blocks", default=None, help="UNet output blocks, e.g. 0-17 or 5,6,8-12; module names for "
+                                                       "diffusers, e.g. up_blocks.1,up_blocks.2 (default: the config's)")
     parser.add_argument("--members", type=int, default=1, help="ensemble members per cell")
     parser.add_argument("--max_epochs", type=int, default=None,
                         help="cap on each member's epochs (default: train-interpreter's; cells then match it)")
@@ -229,7 +255,7 @@ def main(argv):
         raise ValueError(f"--max_epochs must be >= 1, got {args.max_epochs}")
     cfg = load_experiment(args.exp)
     args.steps = parse_index_list(args.steps, "--steps") if args.steps else cfg["steps"]
-    args.blocks = parse_index_list(args.blocks, "--blocks") if args.blocks else cfg["blocks"]
+    args.blocks = parse_block_list(args.blocks, cfg["model_type"]) if args.blocks else cfg["blocks"]
     args.out = args.out or os.path.join(cfg["exp_dir"], "sweep")
     flags = resolve_model_flags(cfg, args, argv)
 

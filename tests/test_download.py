@@ -13,7 +13,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+import torch
+
 from ddpm_seg import cli, download
+from ddpm_seg.config import load_experiment
+from guided_diffusion.checkpoint import read_model_flags
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = bytes(range(256)) * 1200  # 307200 bytes: several reads, cut in the middle of one
@@ -274,7 +279,7 @@ def test_packaged_table_has_the_official_sources():
     expected = {"datasets", "pixel_classifiers"}
     expected |= {f"{b}/{n}" for b in ("ddpm", "mae", "swav", "swav_w2") for n in names}
     expected |= {f"synthetic/{g}/{d}" for g in ("ddpm", "gan") for d in datasets}
-    expected |= {"deeplab/resnet101", "deeplab/resnet50"}
+    expected |= {"deeplab/resnet101", "deeplab/resnet50", "ddpm/imagenet_256_uncond"}
     assert set(table) == expected
     assert table["deeplab/resnet101"]["urls"] == ["https://download.pytorch.org/models/resnet101-63fe2227.pth"]
     assert table["datasets"]["urls"] == [f"{yandex}/datasets.tar.gz"]
@@ -287,6 +292,32 @@ def test_packaged_table_has_the_official_sources():
     assert table["synthetic/gan/cat_15"]["extract_to"] == "synthetic_datasets/gan"
     dropbox = "https://www.dropbox.com/s/kap229jvmhfwh7i/pixel_classifiers.tar?dl=1"
     assert table["pixel_classifiers"]["urls"] == [dropbox]
+
+
+def test_adm_imagenet_download_writes_its_model_flags(server, tmp_path, capsys, reference_dir):
+    entry = download.load_table()["ddpm/imagenet_256_uncond"]
+    assert entry["urls"] == ["https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt"]
+    table = tmp_path / "downloads.json"
+    table.write_text(json.dumps({"adm": entry}))
+    server.files["/diffusion/jul-2021/256x256_diffusion_uncond.pt"] = DATA
+    rc, _ = run(["adm"], table, tmp_path, server.url, capsys)
+    assert rc == 0
+    checkpoint = tmp_path / "checkpoints/adm_imagenet/256x256_diffusion_uncond.pt"
+    assert checkpoint.read_bytes() == DATA
+    # train-interpreter and sweep read the flags beside the checkpoint: the LSUN models' architecture.
+    flags = read_model_flags(str(checkpoint))
+    assert flags == entry["model_flags"]
+    with torch.device("meta"):
+        model, diffusion = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **flags})
+    with open(os.path.join(reference_dir, "guided_diffusion_lsun256_state_dict.txt")) as f:
+        expected = f.read().splitlines()[1:]
+    assert [f"{k}\t{','.join(map(str, v.shape))}" for k, v in model.state_dict().items()] == expected
+    assert diffusion.num_timesteps == 1000
+    # The example config for one's own data reads it like the paper's LSUN configs read theirs.
+    example = load_experiment(os.path.join(REPO, "experiments", "custom", "adm_imagenet.json"))
+    horse = load_experiment(os.path.join(REPO, "experiments", "horse_21", "ddpm.json"))
+    assert example["model_path"] == entry["dest"]
+    assert [example[k] for k in ("dim", "steps", "blocks")] == [horse[k] for k in ("dim", "steps", "blocks")]
 
 
 SCRIPTS = [

@@ -40,7 +40,7 @@ def create_feature_extractor(cfg: dict, model_flags: dict, device, seed: int = 0
     # Import the built-in backbones so they register themselves.
     from guided_diffusion.checkpoint import CheckpointError
 
-    from . import ddpm, mae, pixels, swav  # noqa: F401
+    from . import ddpm, hf_diffusion, mae, pixels, swav  # noqa: F401
 
     try:
         model_type = cfg["model_type"]
