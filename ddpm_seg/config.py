@@ -99,6 +99,9 @@ def check_paths(cfg: dict, keys, path: str = "<config>") -> None:
         "training_path": "download the datasets with datasets/download_datasets.sh",
         "testing_path": "download the datasets with datasets/download_datasets.sh",
     }
+    if cfg.get("category") == "demo":  # the demo's data is generated, not downloaded
+        hints = dict.fromkeys(hints, "run `ddpm-seg demo` first: it generates the demo dataset (and uses the DDPM "
+                                     "shipped in experiments/demo/)")
     for key in keys:
         if not os.path.exists(cfg[key]):
             raise FileNotFoundError(f"{path}: {key} {cfg[key]!r} does not exist; {hints.get(key, 'check the path')}")
