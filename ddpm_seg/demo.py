@@ -45,7 +45,7 @@ SHIPPED_DDPM = os.path.join(REPO, "experiments", "demo", "demo_ddpm.pt")
 DDPM_TRAINING = dict(batch_size=32, lr=5e-4, max_steps=1200, precision="fp32", ema_rate="0.995,0.999",
                      num_workers=0, save_interval=200, log_interval=50)
 SHIPPED_EMA_RATE = "0.999"
-# The unlabelled pool is only read by --retrain; the labelled splits are what the demo itself needs.
+# The unlabelled pool is written only for --retrain; the labelled splits are what the demo itself needs.
 DATASET = dict(num_pool=20000, num_train=20, num_test=50, num_val=50)
 # --small: the same pipeline at toy sizes, for the test suite.
 SMALL_DDPM_TRAINING = dict(DDPM_TRAINING, batch_size=8, max_steps=4, save_interval=2, log_interval=2)
@@ -214,6 +214,8 @@ def main(argv=None):
     if args.small:
         cfg.update(model_num=3, training_number=SMALL_DATASET["num_train"], testing_number=SMALL_DATASET["num_test"])
     dataset = SMALL_DATASET if args.small else DATASET
+    if not args.retrain:  # only training a DDPM reads the unlabelled pool
+        dataset = dict(dataset, num_pool=0)
     paths = generate_demo_dataset(os.path.dirname(os.path.dirname(cfg["training_path"])),
                                   image_size=cfg["dim"][0], seed=args.seed, **dataset)
 
