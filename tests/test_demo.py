@@ -31,6 +31,17 @@ def test_demo_experiment_configs_are_consistent():
            {k: v for k, v in cfg.items() if k not in ("testing_path", "exp_dir")}
 
 
+def test_missing_demo_data_points_at_the_demo_command(tmp_path):
+    import pytest
+
+    from ddpm_seg.config import check_paths
+
+    cfg = dict(load_experiment(DEMO_EXPERIMENT), training_path=str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match="run `ddpm-seg demo` first") as info:
+        check_paths(cfg, ["training_path"], DEMO_EXPERIMENT)
+    assert "download" not in str(info.value)
+
+
 def test_shipped_ddpm_loads_strictly_as_the_demo_builds_it():
     assert os.path.getsize(SHIPPED_DDPM) <= 10 * 2**20
     flags = {**model_and_diffusion_defaults(), **read_model_flags(SHIPPED_DDPM)}
