@@ -162,6 +162,9 @@ def check_paths(cfg: dict, keys, path: str = "<config>") -> None:
         "training_path": "download the datasets with datasets/download_datasets.sh",
         "testing_path": "download the datasets with datasets/download_datasets.sh",
     }
+    if cfg.get("category") == "demo":  # the demo's data is generated, not downloaded
+        hints = dict.fromkeys(hints, "run `ddpm-seg demo` first: it generates the demo dataset (and uses the DDPM "
+                                     "shipped in experiments/demo/)")
     for key in keys:
         if key == "model_path" and cfg["model_type"] == "diffusers":
             continue  # a folder or a hub id: the backbone resolves it and says what is missing

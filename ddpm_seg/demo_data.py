@@ -9,6 +9,7 @@ property the demo needs to show that DDPM features carry more than raw pixels.
 Layout written under ``root`` (as the official ``datasets/<name>/`` folders):
     real/train/<stem>.png + <stem>.npy   labelled images; labels are uint8 HxW class ids
     real/test/<stem>.png  + <stem>.npy
+    real/val/<stem>.png   + <stem>.npy    validation images, for choosing steps and blocks (never the test set)
     unlabelled/<stem>.png                pool for training the DDPM
     demo_dataset.json                    manifest, written last: its presence marks a complete dataset
 """
@@ -31,7 +32,7 @@ GENERATOR_VERSION = 1
 
 # Each split draws image i from its own stream (seed, split, i): the test images do not change
 # when the pool size does.
-_SPLIT_IDS = {"unlabelled": 0, "train": 1, "test": 2}
+_SPLIT_IDS = {"unlabelled": 0, "train": 1, "test": 2, "val": 3}
 _NUM_KINDS = len(DEMO_CLASS_NAMES) - 1
 
 
@@ -141,6 +142,7 @@ def _dataset_paths(root):
         "root": root,
         "train": os.path.join(root, "real", "train"),
         "test": os.path.join(root, "real", "test"),
+        "val": os.path.join(root, "real", "val"),
         "unlabelled": os.path.join(root, "unlabelled"),
         "manifest": os.path.join(root, MANIFEST_NAME),
     }
@@ -154,16 +156,16 @@ def _read_manifest(root):
         return None
 
 
-def generate_demo_dataset(root, image_size=32, num_pool=4000, num_train=20, num_test=50, seed=0):
+def generate_demo_dataset(root, image_size=32, num_pool=4000, num_train=20, num_test=50, num_val=50, seed=0):
     """Write the demo dataset under `root` (see module doc) and return its paths.
 
-    Returns a dict with keys root, train, test, unlabelled, manifest. Idempotent: when `root`
+    Returns a dict with keys root, train, test, val, unlabelled, manifest. Idempotent: when `root`
     already holds a complete dataset made with the same parameters it is left untouched. The data
     is built in a temporary folder beside `root` and renamed into place, so `root` is either
     absent or complete. A `root` holding anything other than an earlier demo dataset is refused.
     """
     for name, value, low in [("image_size", image_size, 8), ("num_pool", num_pool, 0),
-                             ("num_train", num_train, 1), ("num_test", num_test, 1)]:
+                             ("num_train", num_train, 1), ("num_test", num_test, 1), ("num_val", num_val, 1)]:
         if int(value) != value or value < low:
             raise ValueError(f"generate_demo_dataset: {name}={value!r}, expected an integer >= {low}")
     root = os.path.abspath(root)
@@ -174,6 +176,7 @@ def generate_demo_dataset(root, image_size=32, num_pool=4000, num_train=20, num_
         "num_pool": num_pool,
         "num_train": num_train,
         "num_test": num_test,
+        "num_val": num_val,
         "seed": seed,
         "class_names": DEMO_CLASS_NAMES,
         "palette": DEMO_PALETTE,
@@ -191,6 +194,7 @@ def generate_demo_dataset(root, image_size=32, num_pool=4000, num_train=20, num_
         tmp_paths = _dataset_paths(tmp)
         _write_split(tmp_paths["train"], "train", num_train, image_size, seed, with_labels=True)
         _write_split(tmp_paths["test"], "test", num_test, image_size, seed, with_labels=True)
+        _write_split(tmp_paths["val"], "val", num_val, image_size, seed, with_labels=True)
         _write_split(tmp_paths["unlabelled"], "unlabelled", num_pool, image_size, seed, with_labels=False)
         with open(tmp_paths["manifest"], "w") as f:
             json.dump(manifest, f, indent=1)

@@ -91,9 +91,7 @@ def save_prediction_picture(path, image, gt, pred, uncertainty, palette, ignore_
 
     image: uint8 [H, W, 3]; gt: label map [H, W] or None (panel says "no label");
     pred: label map [H, W]; uncertainty: float map [H, W], drawn as a heat map scaled
-    to its own maximum. Panels are PANEL_GAP pixels apart; with titles, a
-    TITLE_HEIGHT strip above them names each one. scale > 1 enlarges every panel by that integer
-    factor (nearest neighbour), so small images stay readable.
+    to its own maximum. titles and scale as in save_panels.
     """
     image = _to_numpy(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -108,15 +106,29 @@ def save_prediction_picture(path, image, gt, pred, uncertainty, palette, ignore_
         colorize(pred, palette, ignore_label),
         heatmap(uncertainty),
     ]
-    panels = [panel.repeat(scale, axis=0).repeat(scale, axis=1) for panel in panels]
-    height, width = height * scale, width * scale
+    save_panels(path, panels, PANEL_TITLES if titles else None, scale)
+
+
+def save_panels(path, panels, titles=None, scale=1) -> None:
+    """Write uint8 RGB panels [H, W, 3] of one size side by side as a PNG, PANEL_GAP pixels apart.
+
+    titles (one per panel, or None) go in a TITLE_HEIGHT strip above them; scale > 1 enlarges every panel
+    by that integer factor (nearest neighbour), so small images stay readable.
+    """
+    shapes = {tuple(np.shape(panel)) for panel in panels}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[2] != 3:
+        raise ValueError(f"panels must all be [H, W, 3] of one size, got shapes {sorted(shapes)}")
+    if titles is not None and len(titles) != len(panels):
+        raise ValueError(f"got {len(titles)} titles for {len(panels)} panels")
+    panels = [np.asarray(panel).repeat(scale, axis=0).repeat(scale, axis=1) for panel in panels]
+    height, width = panels[0].shape[:2]
     top = TITLE_HEIGHT if titles else 0
     canvas = Image.new("RGB", (len(panels) * width + (len(panels) - 1) * PANEL_GAP, top + height), BACKGROUND)
-    for i, (panel, title) in enumerate(zip(panels, PANEL_TITLES)):
+    for i, panel in enumerate(panels):
         left = i * (width + PANEL_GAP)
         canvas.paste(Image.fromarray(panel), (left, top))
         if titles:
-            canvas.paste(_title_strip(title, width), (left, 0))
+            canvas.paste(_title_strip(titles[i], width), (left, 0))
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
 

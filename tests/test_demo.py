@@ -1,38 +1,104 @@
-"""The demo end to end at toy sizes: data, DDPM training, three interpreters, the summary."""
+"""The demo end to end at toy sizes: data, the shipped DDPM (or a toy one trained from scratch), three
+interpreters, the summary, the median picture, and the training-steps curve."""
 
 import json
 import os
 
+import torch
+from PIL import Image
+
 from ddpm_seg.config import load_experiment
-from ddpm_seg.demo import DEMO_EXPERIMENT, main
+from ddpm_seg.demo import DDPM_TRAINING, DEMO_EXPERIMENT, SHIPPED_DDPM, SHIPPED_EMA_RATE, main
 from ddpm_seg.demo_data import DEMO_CLASS_NAMES, DEMO_PALETTE
+from guided_diffusion.checkpoint import load_ddpm, read_model_flags
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+ROWS = {"DDPM (trained here)", "DDPM at random init", "raw RGB pixels"}
 
 
-def test_demo_experiment_config_is_consistent():
-    cfg = load_experiment(DEMO_EXPERIMENT)
+def _summary(root):
+    with open(root / "pixel_classifiers" / "demo" / "demo_summary.json") as f:
+        return json.load(f)
+
+
+def test_demo_experiment_configs_are_consistent():
+    cfg, val = load_experiment(DEMO_EXPERIMENT), load_experiment(DEMO_EXPERIMENT.replace("ddpm.json", "ddpm_val.json"))
     assert cfg["class_names"] == DEMO_CLASS_NAMES and cfg["number_class"] == len(DEMO_CLASS_NAMES)
     assert cfg["palette"] == DEMO_PALETTE
+    # The validation config differs only in where it scores (and writes): never the test images.
+    assert val["testing_path"].endswith("real/val") and cfg["testing_path"].endswith("real/test")
+    assert {k: v for k, v in val.items() if k not in ("testing_path", "exp_dir")} == \
+           {k: v for k, v in cfg.items() if k not in ("testing_path", "exp_dir")}
 
 
-def test_small_demo_runs_end_to_end(tmp_path):
+def test_missing_demo_data_points_at_the_demo_command(tmp_path):
+    import pytest
+
+    from ddpm_seg.config import check_paths
+
+    cfg = dict(load_experiment(DEMO_EXPERIMENT), training_path=str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match="run `ddpm-seg demo` first") as info:
+        check_paths(cfg, ["training_path"], DEMO_EXPERIMENT)
+    assert "download" not in str(info.value)
+
+
+def test_shipped_ddpm_loads_strictly_as_the_demo_builds_it():
+    assert os.path.getsize(SHIPPED_DDPM) <= 10 * 2**20
+    flags = {**model_and_diffusion_defaults(), **read_model_flags(SHIPPED_DDPM)}
+    model, _ = load_ddpm(SHIPPED_DDPM, flags, torch.device("cpu"))  # weights_only=True, strict=True
+    state = torch.load(SHIPPED_DDPM, map_location="cpu", weights_only=True)
+    fresh, _ = create_model_and_diffusion(**flags)
+    assert set(state) == set(fresh.state_dict())
+    # The loaded weights are the file's, not a fresh initialisation.
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert float(SHIPPED_EMA_RATE) in [float(r) for r in DDPM_TRAINING["ema_rate"].split(",")]
+
+
+def test_small_demo_with_the_shipped_ddpm(tmp_path):
     assert main(["--root", str(tmp_path), "--small", "--device", "cpu"]) == 0
-    summary = json.load(open(tmp_path / "pixel_classifiers" / "demo" / "demo_summary.json"))
+    summary = _summary(tmp_path)
     results = {title: r["miou"] for title, r in summary["results"].items()}
-    assert set(results) == {"DDPM (trained here)", "DDPM at random init", "raw RGB pixels"}
-    # The point of the demo: the classes are not separable by colour, DDPM features carry shape.
+    assert set(results) == ROWS
+    assert summary["ddpm"] == SHIPPED_DDPM
+    # The point of the demo: the classes are not separable by colour; the trained DDPM's features carry shape,
+    # which neither raw pixels nor the same UNet at random initialisation give.
     assert results["DDPM (trained here)"] > results["raw RGB pixels"]
+    assert results["DDPM (trained here)"] > results["DDPM at random init"]
     trained = summary["results"]["DDPM (trained here)"]["run_dir"]
     assert len([f for f in os.listdir(os.path.join(trained, "predictions")) if f.endswith(".png")]) == 6
-    assert os.path.isfile(tmp_path / "checkpoints" / "demo" / "demo_ddpm.pt")
-    # A second run reuses the cached data, DDPM and ensembles.
-    before = os.path.getmtime(tmp_path / "checkpoints" / "demo" / "demo_ddpm.pt")
+    # The picture: image | truth | DDPM | raw pixels, 4 panels of 128 px, of a real test image.
+    picture = Image.open(summary["median_image"]["picture"])
+    assert picture.width == 4 * 128 + 3 * 4
+    assert os.path.isfile(tmp_path / "datasets" / "demo" / "real" / "test" / (summary["median_image"]["stem"] + ".png"))
+    # A second run reuses the cached data and ensembles.
+    before = os.path.getmtime(os.path.join(trained, "model_0.pth"))
     assert main(["--root", str(tmp_path), "--small", "--device", "cpu"]) == 0
-    assert os.path.getmtime(tmp_path / "checkpoints" / "demo" / "demo_ddpm.pt") == before
+    assert os.path.getmtime(os.path.join(trained, "model_0.pth")) == before
+
+
+def test_small_retrain_then_curve(tmp_path):
+    assert main(["--root", str(tmp_path), "--small", "--retrain", "--device", "cpu"]) == 0
+    ddpm = tmp_path / "checkpoints" / "demo" / "demo_ddpm.pt"
+    summary = _summary(tmp_path)
+    assert summary["ddpm"] == str(ddpm) and set(summary["results"]) == ROWS
+    # The demo reads the last EMA of the run, which loads strictly into the demo's UNet.
+    last = tmp_path / "checkpoints" / "demo" / f"ema_{SHIPPED_EMA_RATE}_000004.pt"
+    assert torch.load(ddpm, weights_only=True).keys() == torch.load(last, weights_only=True).keys()
+    assert all(torch.equal(a, b) for a, b in zip(torch.load(ddpm, weights_only=True).values(),
+                                                   torch.load(last, weights_only=True).values()))
+    load_ddpm(str(ddpm), {**model_and_diffusion_defaults(), **read_model_flags(str(ddpm))}, torch.device("cpu"))
+
+    assert main(["--root", str(tmp_path), "--small", "--curve", "--device", "cpu"]) == 0
+    with open(tmp_path / "pixel_classifiers" / "demo" / "curve" / "curve.json") as f:
+        rows = json.load(f)
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(0 <= r["miou"] <= 1 for r in rows)
+    assert Image.open(tmp_path / "pixel_classifiers" / "demo" / "curve" / "curve.png").size == (560, 320)
 
 
 def test_extra_backbones_fit_the_demo_images():
     import numpy as np
-    import torch
 
     from ddpm_seg.backbones import create_feature_extractor
     from ddpm_seg.config import validate_experiment

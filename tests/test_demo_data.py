@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 
 from ddpm_seg.demo_data import DEMO_CLASS_NAMES, DEMO_PALETTE, MANIFEST_NAME, generate_demo_dataset
 
-SMALL = dict(image_size=32, num_pool=6, num_train=8, num_test=5, seed=3)
+SMALL = dict(image_size=32, num_pool=6, num_train=8, num_test=5, num_val=5, seed=3)
 
 
 def _files(root):
@@ -24,8 +24,8 @@ def _load_pairs(folder):
 
 def test_layout_shapes_and_ids(tmp_path):
     paths = generate_demo_dataset(str(tmp_path / "demo"), **SMALL)
-    assert set(paths) == {"root", "train", "test", "unlabelled", "manifest"}
-    for split, count in [("train", 8), ("test", 5)]:
+    assert set(paths) == {"root", "train", "test", "val", "unlabelled", "manifest"}
+    for split, count in [("train", 8), ("test", 5), ("val", 5)]:
         pairs = _load_pairs(paths[split])
         assert len(pairs) == count
         assert len(os.listdir(paths[split])) == 2 * count  # only image/label pairs
@@ -123,3 +123,10 @@ def test_pixel_colour_does_not_give_the_class(tmp_path):
                 for img, lab in pairs]
 
     assert _shape_miou_of_rgb_classifier(colour_coded(train), colour_coded(test)) > 0.8
+
+
+def test_validation_split_is_not_the_test_split(tmp_path):
+    paths = generate_demo_dataset(str(tmp_path / "demo"), **SMALL)
+    val, test = _load_pairs(paths["val"]), _load_pairs(paths["test"])
+    assert len(val) == SMALL["num_val"]
+    assert not any(np.array_equal(v, t) for v, _ in val for t, _ in test)

@@ -14,6 +14,7 @@ from ddpm_seg.visualize import (
     TITLE_HEIGHT,
     colorize,
     heatmap,
+    save_panels,
     save_prediction_picture,
 )
 
@@ -164,3 +165,15 @@ def test_picture_scale_enlarges_each_panel(tmp_path):
     picture = np.asarray(Image.open(path).convert("RGB"))
     assert picture.shape == (24, 4 * 30 + 3 * PANEL_GAP, 3)
     np.testing.assert_array_equal(_panel(picture, 2, 0, 24, 30), colorize(pred, PALETTE, 255).repeat(3, 0).repeat(3, 1))
+
+
+def test_save_panels_places_any_number_of_panels(tmp_path):
+    panels = [np.full((5, 6, 3), v, dtype=np.uint8) for v in (10, 120, 250)]
+    save_panels(str(tmp_path / "p.png"), panels, titles=None, scale=2)
+    picture = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    assert picture.shape == (10, 3 * 12 + 2 * PANEL_GAP, 3)
+    for i, panel in enumerate(panels):
+        np.testing.assert_array_equal(_panel(picture, i, 0, 10, 12), panel.repeat(2, 0).repeat(2, 1))
+    with pytest.raises(ValueError, match="one size"):
+        save_panels(str(tmp_path / "bad.png"), [panels[0], np.zeros((4, 6, 3), np.uint8)])
+    assert sorted(os.listdir(tmp_path)) == ["p.png"]
