@@ -36,7 +36,7 @@ from guided_diffusion.script_util import (
     model_and_diffusion_defaults,
 )
 
-from .backbones import create_feature_extractor
+from .backbones import add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_dtype
 from .config import check_paths, load_experiment, run_dir
 from .ensemble import MLPEnsemble, predict_logits
 from .evaluate import image_uncertainty_score, majority_vote, uncertainty_map
@@ -59,6 +59,8 @@ def add_args(parser):
     parser.add_argument("--out_dir", default=None, help="where the .npz goes (default: the ensemble's folder)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (under torchrun: cuda:LOCAL_RANK)")
     add_dict_to_argparser(parser, sampling_defaults())
+    # --extract_dtype also sets the dtype the samples are drawn in: both run the same UNet.
+    add_extraction_args(parser)
     # Model flags, as train-interpreter takes them. --timestep_respacing (e.g. 250, or ddim100 with --use_ddim True)
     # shortens sampling only: features are always taken on the full process the ensemble was trained with.
     add_dict_to_argparser(parser, model_and_diffusion_defaults())
@@ -103,15 +105,21 @@ def sample_images(model, diffusion, indices, seed, image_size, use_ddim=False, c
     return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def label_images(extractor, ensemble, images, indices, seed):
-    """uint8 images [B, H, W, 3] -> (uint8 labels [B, H, W], float32 uncertainty scores [B]), as on real images."""
+def label_images(extractor, ensemble, images, indices, seed, batch_size=1):
+    """uint8 images [B, H, W, 3] -> (uint8 labels [B, H, W], float32 uncertainty scores [B]), as on real images,
+    batch_size images per extractor call."""
+    if extractor.noise is None:
+        # Without share_noise the extractor draws fresh noise from the global generator, seeded per sample
+        # below so that a sample's labels do not depend on its chunk: one image per call.
+        batch_size = 1
     labels, scores = [], []
-    for image, i in zip(images, indices):
-        # Only matters without share_noise: the extractor then draws fresh noise from the global generator.
-        torch.manual_seed(sample_seed(seed, i, stream=1))
-        logits = predict_logits(ensemble, extractor(image), image.shape[:2])
-        labels.append(majority_vote(logits).cpu().numpy().astype(np.uint8))
-        scores.append(image_uncertainty_score(uncertainty_map(logits).cpu()))
+    for start in range(0, len(images), batch_size):
+        torch.manual_seed(sample_seed(seed, indices[start], stream=1))
+        maps = extractor(images[start:start + batch_size])
+        for j in range(maps[0].shape[0]):
+            logits = predict_logits(ensemble, [m[j] for m in maps], images.shape[1:3])
+            labels.append(majority_vote(logits).cpu().numpy().astype(np.uint8))
+            scores.append(image_uncertainty_score(uncertainty_map(logits).cpu()))
     return np.stack(labels), np.array(scores, dtype=np.float32)
 
 
@@ -206,7 +214,8 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
     out_path = output_path(args.out_dir or ensemble_dir, size)
     folder = shard_dir(out_path)
     settings = {**opts, "seed": args.seed, "exp": cfg, "model_flags": flags,
-                "ensemble_dir": os.path.abspath(ensemble_dir)}
+                "ensemble_dir": os.path.abspath(ensemble_dir),
+                "extract_dtype": dtype_name(extract_dtype(args.extract_dtype, device, bool(flags.get("use_fp16"))))}
     os.makedirs(folder, exist_ok=True)
     check_settings(os.path.join(folder, INDEX_NAME), settings, write=rank == 0)
     if os.path.isfile(out_path):
@@ -215,7 +224,7 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
                 "samples_per_s": None}
 
     # Features on the full process the ensemble was trained with; sampling on the (maybe respaced) one.
-    extractor = create_feature_extractor(cfg, flags, device, seed=args.seed)
+    extractor = create_feature_extractor(cfg, flags, device, seed=args.seed, dtype=args.extract_dtype)
     ensemble = load_ensemble(cfg, ensemble_dir, args.seed, device)
     diffusion = sampling_diffusion(flags)
     chunks = chunk_ranges(opts["num_samples"], opts["batch_size"])
@@ -234,7 +243,8 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
         indices = range(*chunks[k])
         images = sample_images(extractor.model, diffusion, indices, opts["sample_seed"], size,
                                opts["use_ddim"], opts["clip_denoised"])
-        labels, scores = label_images(extractor, ensemble, images, indices, opts["sample_seed"])
+        batch = extract_batch_size(args.extract_batch, extractor.bytes_per_image, device)  # 1 until it is known
+        labels, scores = label_images(extractor, ensemble, images, indices, opts["sample_seed"], batch)
         save_chunk(chunk_path(folder, k), indices, images, labels, scores)
         bar.update(len(indices))
     bar.close()

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
-from .backbones import create_feature_extractor
+from .backbones import add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_dtype
 from .backbones.ddpm import DDPMFeatureExtractor
 from .config import check_paths, load_experiment
 from .ensemble import MLPEnsemble, predict_logits, train_ensemble
@@ -77,8 +77,10 @@ def run_sweep(cfg, exp_path, model_flags, args):
     check_paths(cfg, ["training_path", "testing_path", "model_path"], exp_path)
     steps, blocks = args.steps, args.blocks
     # Built with every step and block so that out-of-range ones fail here, before anything is written.
-    base = create_feature_extractor(dict(cfg, steps=steps, blocks=blocks), model_flags, device, seed=args.seed)
-    extractors = {t: DDPMFeatureExtractor(base.model, base.diffusion, [t], blocks, base.input_activations, base.noise)
+    base = create_feature_extractor(dict(cfg, steps=steps, blocks=blocks), model_flags, device, seed=args.seed,
+                                    dtype=args.extract_dtype)
+    extractors = {t: DDPMFeatureExtractor(base.model, base.diffusion, [t], blocks, base.input_activations, base.noise,
+                                          base.channels_last)
                   for t in steps}
     train_items, test_items = load_split(cfg, "train"), load_split(cfg, "test")
     sampler = training_sampler(cfg, train_items)
@@ -88,7 +90,9 @@ def run_sweep(cfg, exp_path, model_flags, args):
     os.makedirs(os.path.join(args.out, "features"), exist_ok=True)
     check_settings(os.path.join(args.out, "features", "settings.json"),
                    {"config": cfg, "model_flags": model_flags, "steps": steps, "blocks": blocks,
-                    "seed": args.seed, "store_dtype": store_dtype_name(args)}, write=True)
+                    "seed": args.seed, "store_dtype": store_dtype_name(args),
+                    "extract_dtype": dtype_name(extract_dtype(args.extract_dtype, device,
+                                                              bool(model_flags.get("use_fp16"))))}, write=True)
 
     # Steps one after the other, so only one step's training features are held at a time.
     cells, ensembles = [], {}
@@ -96,7 +100,8 @@ def run_sweep(cfg, exp_path, model_flags, args):
     for t in steps:
         store_root = os.path.join(args.out, "features", f"step_{t}")
         first_maps = extractors[t](train_items[0].image)
-        store = extract_training_store(extractors[t], train_items, first_maps, args, store_root)
+        batch = extract_batch_size(args.extract_batch, extractors[t].bytes_per_image, device)
+        store = extract_training_store(extractors[t], train_items, first_maps, args, store_root, batch)
         for k, b in enumerate(blocks):
             channels, h, w = store.map_shapes[k]
             cell_store = single_map_store(store, k)
@@ -112,12 +117,19 @@ def run_sweep(cfg, exp_path, model_flags, args):
     bar.close()
 
     matrices = {key: ConfusionMatrix(cfg["number_class"], cfg["ignore_label"]) for key in ensembles}
-    for item in tqdm(test_items, desc="evaluate cells"):
+    bar = tqdm(total=len(test_items), desc="evaluate cells")
+    batch = extract_batch_size(args.extract_batch, max(e.bytes_per_image for e in extractors.values()), device)
+    for start in range(0, len(test_items), batch):
+        chunk = test_items[start:start + batch]
+        images = np.stack([item.image for item in chunk])
         for t in steps:
-            maps = extractors[t](item.image)
-            for k, b in enumerate(blocks):
-                logits = predict_logits(ensembles[t, b], [maps[k]], item.label.shape)
-                matrices[t, b].update(majority_vote(logits).cpu(), item.label)
+            maps = extractors[t](images)
+            for j, item in enumerate(chunk):
+                for k, b in enumerate(blocks):
+                    logits = predict_logits(ensembles[t, b], [maps[k][j]], item.label.shape)
+                    matrices[t, b].update(majority_vote(logits).cpu(), item.label)
+        bar.update(len(chunk))
+    bar.close()
     for cell in cells:
         cell["miou"] = matrices[cell["step"], cell["block"]].miou()
     shutil.rmtree(os.path.join(args.out, "features"), ignore_errors=True)
@@ -214,6 +226,7 @@ def add_args(parser):
     parser.add_argument("--store", choices=["auto", "ram", "disk"], default="auto",
                         help="where one step's training features live (as train-interpreter)")
     add_precision_args(parser)
+    add_extraction_args(parser)
     add_dict_to_argparser(parser, model_and_diffusion_defaults())
 
 
