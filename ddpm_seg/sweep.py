@@ -28,8 +28,8 @@ from .config import check_paths, load_experiment
 from .ensemble import MLPEnsemble, predict_logits, train_ensemble
 from .evaluate import ConfusionMatrix, majority_vote
 from .feature_store import FeatureStore
-from .train_interpreter import (AUTOCAST, add_precision_args, extract_training_store, load_split, resolve_model_flags,
-                                store_dtype_name, training_sampler)
+from .train_interpreter import (AUTOCAST, add_precision_args, extract_training_store, load_split, resolve_autocast,
+                                resolve_model_flags, store_dtype_name, training_sampler)
 from .utils import atomic_path, check_settings, resolve_device, seed_everything
 from .visualize import heatmap
 
@@ -74,13 +74,13 @@ def run_sweep(cfg, exp_path, model_flags, args):
         raise ValueError(f"{exp_path}: a sweep runs over DDPM steps and blocks; model_type is {cfg['model_type']!r}")
     seed_everything(args.seed)
     device = resolve_device(args.device)
+    args.autocast = resolve_autocast(args.autocast, device)
     check_paths(cfg, ["training_path", "testing_path", "model_path"], exp_path)
     steps, blocks = args.steps, args.blocks
     # Built with every step and block so that out-of-range ones fail here, before anything is written.
     base = create_feature_extractor(dict(cfg, steps=steps, blocks=blocks), model_flags, device, seed=args.seed,
                                     dtype=args.extract_dtype)
-    extractors = {t: DDPMFeatureExtractor(base.model, base.diffusion, [t], blocks, base.input_activations, base.noise,
-                                          base.channels_last)
+    extractors = {t: DDPMFeatureExtractor(base.model, base.diffusion, [t], blocks, base.input_activations, base.noise)
                   for t in steps}
     train_items, test_items = load_split(cfg, "train"), load_split(cfg, "test")
     sampler = training_sampler(cfg, train_items)

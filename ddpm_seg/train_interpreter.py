@@ -24,7 +24,7 @@ from .data import load_labelled_folder
 from .ensemble import MLPEnsemble, predict_logits, scaled_lr, train_ensemble
 from .evaluate import ConfusionMatrix, format_iou_table, image_uncertainty_score, majority_vote, uncertainty_map
 from .feature_store import FeatureStore, PixelSampler
-from .utils import atomic_save_npy, atomic_write_json, check_settings, resolve_device, seed_everything
+from .utils import atomic_save_npy, atomic_write_json, check_settings, fast_bf16, resolve_device, seed_everything
 from .visualize import save_prediction_picture
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
@@ -59,12 +59,20 @@ def add_args(parser):
 
 
 def add_precision_args(parser):
-    parser.add_argument("--autocast", choices=sorted(AUTOCAST), default="bf16",
+    parser.add_argument("--autocast", choices=["auto"] + sorted(AUTOCAST), default="auto",
                         help="bf16: the first layer of the ensemble (nearly all its FLOPs) multiplies in bfloat16 "
-                             "with float32 accumulation, ~4x faster on CPU; none: float32 throughout")
+                             "with float32 accumulation, ~4x faster on CPUs with AMX; none: float32 throughout; "
+                             "auto: bf16 on CUDA and on CPUs with native bf16, else none")
     parser.add_argument("--store_dtype", choices=["auto"] + sorted(STORE_DTYPES), default="auto",
                         help="dtype of the training feature store; auto: bfloat16 under --autocast bf16 (the "
                              "features are rounded to bfloat16 before the matmul anyway), else float16")
+
+
+def resolve_autocast(name, device):
+    """--autocast auto -> bf16 where bf16 matmuls are fast (emulated bf16 is 15-50x slower than float32), else none."""
+    if name != "auto":
+        return name
+    return "bf16" if fast_bf16(device) else "none"
 
 
 def store_dtype_name(args):
@@ -203,6 +211,7 @@ def run(cfg, exp_path, model_flags, args):
     """Train what is missing, then evaluate; returns the metrics dict also written to metrics.json."""
     seed_everything(args.seed)
     device = resolve_device(args.device)
+    args.autocast = resolve_autocast(args.autocast, device)
     folder = args.run_dir or run_dir(cfg, args.seed, args.random_init)
     check_paths(cfg, ["training_path", "testing_path"] + ([] if args.random_init else ["model_path"]), exp_path)
     batch_size = cfg["batch_size"] if args.batch_size is None else args.batch_size
@@ -222,6 +231,7 @@ def run(cfg, exp_path, model_flags, args):
     timings = {}
     if todo:
         train_items = load_split(cfg, "train")
+        start = time.time()  # extraction time counts the first image, extracted alone to check the feature size
         first_maps = extractor(train_items[0].image)
         check_feature_size(cfg, first_maps, exp_path)
         os.makedirs(folder, exist_ok=True)
@@ -233,11 +243,11 @@ def run(cfg, exp_path, model_flags, args):
         atomic_write_json(os.path.join(folder, os.path.basename(exp_path)), cfg)
         atomic_write_json(os.path.join(folder, "model_flags.json"), model_flags)
 
-        start = time.time()
         store_root = os.path.join(folder, "features")
         extract_batch = extract_batch_size(args.extract_batch, getattr(extractor, "bytes_per_image", None), device)
         store = extract_training_store(extractor, train_items, first_maps, args, store_root, extract_batch)
         timings["extract_train_s"] = time.time() - start
+        timings["extract_batch"] = extract_batch
         sampler = training_sampler(cfg, train_items)
         print(f"{len(train_items)} training images, {len(sampler)} labelled pixels, {store.num_features} features "
               f"per pixel, store {store.nbytes / 2**30:.2f} GiB ({'disk' if store.root else 'RAM'}); "
@@ -245,19 +255,20 @@ def run(cfg, exp_path, model_flags, args):
         start = time.time()
         # A RAM store goes to the GPU whole for fast gathers; a disk store was chosen because it does not fit.
         on_device = store if device.type == "cpu" or store.root else store.to(device)
-        train_ensemble(ensemble, on_device, sampler, seed=args.seed,
+        stats = train_ensemble(ensemble, on_device, sampler, seed=args.seed,
                        batch_size=batch_size, lr=lr, members=todo, device=device,
                        matmul_dtype=AUTOCAST[args.autocast],
                        on_member_done=lambda m: ensemble.save_member(member_path(folder, m), m))
         timings["train_ensemble_s"] = time.time() - start
+        timings["member_steps"] = {m: stats[m]["steps"] for m in todo}
         del store
         shutil.rmtree(store_root, ignore_errors=True)  # a cache for resuming; the members are what we keep
     for m in range(cfg["model_num"]):
         ensemble.load_member(member_path(folder, m), m)
 
-    start = time.time()
     if args.extract_batch is None and getattr(extractor, "bytes_per_image", None) is None:
         extractor(test_items[0].image)  # sizes the default batch (the ensemble was trained earlier)
+    start = time.time()
     metrics = evaluate(extractor, ensemble, test_items, cfg, folder, pictures=not args.no_pictures,
                        batch_size=extract_batch_size(args.extract_batch, getattr(extractor, "bytes_per_image", None),
                                                      device))

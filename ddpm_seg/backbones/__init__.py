@@ -13,6 +13,8 @@ import os
 import numpy as np
 import torch
 
+from ..utils import cpu_has_native_bf16
+
 BACKBONES = {}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -20,11 +22,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # --extract_dtype name -> torch dtype; "auto" is resolved by extract_dtype().
 EXTRACT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# The CPU flags of native bfloat16 arithmetic. Without them oneDNN emulates bf16, which measured 15-50x
-# slower than float32 on an AVX2-only CPU (convolutions and matmuls alike).
-NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-# Images per forward when --extract_batch is not given: beyond a few the CPU gains nothing more per image.
-MAX_EXTRACT_BATCH = 4
+# Most images per forward when --extract_batch is not given. CPU: one, whose steps already make a batch
+# (on the 2-core AVX2 CPU, the paper's UNet at 256x256 took 225 s per image one at a time and 310 s per image
+# two at a time). CUDA: as many as fit, up to 16.
+MAX_EXTRACT_BATCH = {"cpu": 1, "cuda": 16}
 # Share of the free memory one batch's activations may take.
 EXTRACT_MEMORY_SHARE = 0.25
 
@@ -52,18 +53,6 @@ def batch_result(image: np.ndarray, maps: list) -> list:
     return maps if np.ndim(image) == 4 else [m[0] for m in maps]
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16), from /proc/cpuinfo's flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return any(flag in line.split() for flag in NATIVE_BF16_FLAGS)
-    except OSError:
-        pass
-    return False
-
-
 def extract_dtype(name: str, device, use_fp16: bool = False) -> torch.dtype:
     """--extract_dtype -> torch dtype. auto: on CUDA, float16 when the checkpoint was run so (use_fp16),
     else float32; on CPU, bfloat16 where the CPU has it natively, else float32."""
@@ -73,7 +62,7 @@ def extract_dtype(name: str, device, use_fp16: bool = False) -> torch.dtype:
         return EXTRACT_DTYPES[name]
     if torch.device(device).type == "cuda":
         return torch.float16 if use_fp16 else torch.float32
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32  # emulated bf16 is far slower
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -85,8 +74,8 @@ def add_extraction_args(parser):
                         help="precision of the backbone's forward; auto: bf16 on CPUs with native bf16 (AMX, "
                              "AVX512-BF16), fp16 on CUDA when --use_fp16, else fp32")
     parser.add_argument("--extract_batch", type=int, default=None,
-                        help="images per backbone forward (default: from the free memory, at most "
-                             f"{MAX_EXTRACT_BATCH})")
+                        help="images per backbone forward (default: 1 on CPU; on CUDA as many as a quarter of the "
+                             f"free memory holds, at most {MAX_EXTRACT_BATCH['cuda']})")
 
 
 
@@ -106,7 +95,7 @@ def available_memory_bytes(device) -> int:
 
 
 def extract_batch_size(requested, bytes_per_image, device) -> int:
-    """--extract_batch, or as many images as fit in a quarter of the free memory (1..MAX_EXTRACT_BATCH).
+    """--extract_batch, or as many images as fit in a quarter of the free memory (1..MAX_EXTRACT_BATCH[device]).
     bytes_per_image: the extractor's estimate of one image's working memory, if it has one yet (None: 1)."""
     if requested is not None:
         if requested < 1:
@@ -115,7 +104,7 @@ def extract_batch_size(requested, bytes_per_image, device) -> int:
     if bytes_per_image is None:
         return 1
     fits = int(EXTRACT_MEMORY_SHARE * available_memory_bytes(device) // max(1, bytes_per_image))
-    return max(1, min(MAX_EXTRACT_BATCH, fits))
+    return max(1, min(MAX_EXTRACT_BATCH[torch.device(device).type], fits))
 
 
 def extract_batches(extractor, images, batch_size: int):

@@ -15,7 +15,7 @@ class _StopForward(Exception):
 
 
 class DDPMFeatureExtractor:
-    def __init__(self, model, diffusion, steps, blocks, input_activations=False, noise=None, channels_last=False):
+    def __init__(self, model, diffusion, steps, blocks, input_activations=False, noise=None):
         num_blocks = len(model.output_blocks)
         bad_blocks = [b for b in blocks if not 0 <= b < num_blocks]
         if bad_blocks:
@@ -30,8 +30,6 @@ class DDPMFeatureExtractor:
         self.input_activations = input_activations
         # One seeded noise for all images and steps (share_noise), made on the model's device as the original does.
         self.noise = noise
-        # Inputs in channels-last layout (convert the model with .to(memory_format=torch.channels_last) too).
-        self.channels_last = channels_last
         self.bytes_per_image = None  # known after the first call
         self._activations = {}
 
@@ -62,8 +60,6 @@ class DDPMFeatureExtractor:
             # One draw per image, in image order: the draws N one-image calls would make.
             noise = torch.cat([torch.randn_like(x[:num_steps]) for _ in range(num_images)])
         x_t = self.diffusion.q_sample(x, t, noise=noise)
-        if self.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
         self._activations.clear()
         # Hooks live only for this call, so the model stays usable as a plain UNet elsewhere.
         last = max(self.blocks)
