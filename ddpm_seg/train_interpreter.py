@@ -24,7 +24,8 @@ from .data import load_labelled_folder
 from .ensemble import MLPEnsemble, predict_logits, scaled_lr, train_ensemble
 from .evaluate import ConfusionMatrix, format_iou_table, image_uncertainty_score, majority_vote, uncertainty_map
 from .feature_store import FeatureStore, PixelSampler
-from .utils import atomic_save_npy, atomic_write_json, check_settings, fast_bf16, resolve_device, seed_everything
+from .utils import (atomic_save_npy, atomic_write_json, available_memory_bytes, check_settings, fast_bf16, resolve_device,
+                    seed_everything)
 from .visualize import save_prediction_picture
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
@@ -112,17 +113,6 @@ def iou_metrics(matrix, cfg):
     ious, miou = matrix.iou(), matrix.miou()
     print(format_iou_table(ious, class_names, miou, ignore_label=cfg["ignore_label"]))
     return {"miou": miou, "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, ious)}}
-
-
-def available_memory_bytes():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def check_feature_size(cfg, maps, exp_path):

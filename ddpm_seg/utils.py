@@ -53,6 +53,21 @@ def fast_bf16(device) -> bool:
     return torch.device(device).type == "cuda" or cpu_has_native_bf16()
 
 
+def available_memory_bytes(device="cpu") -> int:
+    """Free memory of `device`: the GPU's free bytes, or the host's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
 def keep_freed_memory() -> None:
     """Have glibc keep freed memory for reuse instead of handing it back to the OS at once.
 

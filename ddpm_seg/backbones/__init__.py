@@ -8,12 +8,10 @@ resolution, in the order the experiment's `dim[-1]` features are concatenated, a
 look further than that list, so adding a backbone touches only its own file.
 """
 
-import os
-
 import numpy as np
 import torch
 
-from ..utils import cpu_has_native_bf16
+from ..utils import available_memory_bytes, cpu_has_native_bf16
 
 BACKBONES = {}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,21 +75,6 @@ def add_extraction_args(parser):
                         help="images per backbone forward (default: 1 on CPU; on CUDA as many as a quarter of the "
                              f"free memory holds, at most {MAX_EXTRACT_BATCH['cuda']})")
 
-
-
-def available_memory_bytes(device) -> int:
-    """Free memory of `device`: the GPU's free bytes, or the host's MemAvailable."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def extract_batch_size(requested, bytes_per_image, device) -> int:
