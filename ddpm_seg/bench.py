@@ -14,19 +14,30 @@ down) is its own:
            own batch size; mIoU on held-out images. This is what makes the train speed ratio a ratio
            at equal mIoU: both approaches get equally far through the data, ours in less time.
 
-Activations are synthetic (deterministic random maps at the chosen layout), so no checkpoint is
-needed. The original needs about 2.2 GB per 256x256 image at the paper's layout, so it runs at a
+  e2e      (not run by default) the bedroom_28-shaped experiment end to end: `ddpm-seg train-interpreter`
+           run as a user runs it, on generated 256x256 scenes (--n training, --test_n test images) with
+           the paper's UNet at random weights (--random_init: nothing downloaded), steps 50,150,250,
+           blocks 5,6,7,8,12, --members members, batch --batch. Its own timings per phase (extract
+           train, train ensemble, evaluate) and peak RSS, beside the original's cost computed from its
+           per-image forward (full UNet, float32, one step per forward) and its per-step training cost,
+           both measured in the same run (see e2e_formulas in the output).
+
+Activations of the other phases are synthetic (deterministic random maps at the chosen layout), so no
+checkpoint is needed. The original needs about 2.2 GB per 256x256 image at the paper's layout, so it runs at a
 small N and its N-image figures are computed (formulas printed beside them). CPU only: it measures
 host memory and CPU time. Linux only (reads /proc and ru_maxrss in KiB).
 """
 
 import argparse
+import json
 import math
 import multiprocessing
 import os
 import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -36,12 +47,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from PIL import Image
 from tqdm import tqdm
 
+from guided_diffusion.script_util import (add_dict_to_argparser, args_to_dict, create_model_and_diffusion,
+                                          model_and_diffusion_defaults)
+
+from .backbones import EXTRACT_DTYPES
+from .demo_data import render_scene
 from .ensemble import PAPER_BATCH, PAPER_LR, MLPEnsemble, hidden_sizes, member_seed, predict_logits, train_ensemble
 from .evaluate import ConfusionMatrix, majority_vote
 from .feature_store import FeatureStore, PixelSampler
-from .utils import atomic_write_json, derive_seed
+from .utils import atomic_write_json, derive_seed, fast_bf16
 
 # The paper's DDPM features per diffusion step, (channels, resolution) of the decoder blocks it reads
 # (5, 6, 7, 8, 12 of the 256x256 guided-diffusion UNet), at 3 steps: 8448 features per pixel.
@@ -51,7 +68,9 @@ PAPER_IMAGE = 256
 # --small: 1/16 of the channels on a 64x64 image (maps 1/4 the size), for tests.
 SMALL_CHANNELS, SMALL_SCALE = 16, 4
 
-PHASES = ("store", "train", "predict", "quality")
+PHASES = ("store", "train", "predict", "quality", "e2e")
+DEFAULT_PHASES = ("store", "train", "predict", "quality")
+SYNTHETIC_N = 50  # --n of the synthetic phases when not given
 IGNORE_LABEL = 255
 HELD_OUT = 1_000_000  # images from this index on are never trained on
 PREDICT_FIT_STEPS = 30  # the predict phase's members are trained a little so their votes mean something
@@ -64,7 +83,26 @@ TARGETS = {
     "predict_speedup": ("prediction time, original / ours", ">=", 5.0),
     "quality_gap": ("|mIoU ours - original| (points)", "<=", 2.0),
     "predict_agreement": ("pixels where ours and the original agree", ">=", 0.999),
+    "e2e_wall": ("e2e: train-interpreter wall time (s)", "<=", 15 * 60),
+    "e2e_peak_rss": ("e2e: train-interpreter peak RSS, UNet included", "<=", 6 * GB),
+    "extract_speedup": ("e2e: extraction time per image, original / ours", ">=", 3.0),
 }
+
+# ---- e2e: the bedroom_28-shaped experiment ----
+
+# The paper's MODEL_FLAGS for the LSUN 256x256 checkpoints (scripts/ddpm/train_interpreter.sh).
+PAPER_MODEL_FLAGS = ("--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --dropout 0.1 "
+                     "--image_size 256 --learn_sigma True --noise_schedule linear --num_channels 256 "
+                     "--num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True "
+                     "--use_scale_shift_norm True").split()
+# bedroom_28's experiment: its steps, blocks, classes, image size and split sizes.
+E2E = dict(flags=PAPER_MODEL_FLAGS, image=256, steps=[50, 150, 250], blocks=[5, 6, 7, 8, 12], classes=29,
+           n=40, test_n=20)
+# --small: a tiny UNet on 32x32 scenes, for tests.
+E2E_SMALL = dict(flags=("--image_size 32 --num_channels 32 --num_res_blocks 1 --attention_resolutions 16 "
+                        "--num_head_channels 16 --learn_sigma True --diffusion_steps 100").split(),
+                 image=32, steps=[10, 30], blocks=[2, 5], classes=29, n=40, test_n=20)
+ORIGINAL_TRAIN_ROWS = 16384  # rows of the random [P, D] tensor the original's training step is timed on
 
 
 def make_layout(small=False):
@@ -256,7 +294,7 @@ def fit_ensemble(ensemble, store, labels, steps, args):
     """train_ensemble for exactly `steps` steps per member of --batch pixels; returns the seconds it took."""
     start = time.perf_counter()
     train_ensemble(ensemble, store, FixedStepSampler(labels, steps), seed=args.seed, batch_size=args.batch,
-                   max_epochs=1, matmul_dtype=None if args.fp32 else torch.bfloat16, progress=False)
+                   max_epochs=1, matmul_dtype=torch.bfloat16 if _bf16(args) else None, progress=False)
     return time.perf_counter() - start
 
 
@@ -294,9 +332,14 @@ def _task(args):
     return SyntheticTask(map_shapes, image_size, args.classes, seed=args.seed)
 
 
+def _bf16(args):
+    """Our first-layer matmuls in bfloat16: unless --fp32, where this CPU has native bf16 (as --autocast auto)."""
+    return not args.fp32 and fast_bf16("cpu")
+
+
 def _store_dtype(args):
     # With bf16 matmuls the features are rounded to bfloat16 before use anyway: store them so.
-    return torch.float16 if args.fp32 else torch.bfloat16
+    return torch.bfloat16 if _bf16(args) else torch.float16
 
 
 def _scratch_store(args, task, indices):
@@ -414,6 +457,161 @@ def job_quality(args):
             "pixels_per_member": pixels, "steps_per_member": steps}
 
 
+def _e2e_layout(args):
+    return E2E_SMALL if args.small else E2E
+
+
+def _unet_flags(args):
+    parser = argparse.ArgumentParser()
+    add_dict_to_argparser(parser, model_and_diffusion_defaults())
+    return args_to_dict(parser.parse_args(_e2e_layout(args)["flags"]), model_and_diffusion_defaults().keys())
+
+
+def _random_unet(args):
+    """The e2e UNet at random weights, float32, as --random_init builds it (seeded)."""
+    torch.manual_seed(args.seed)
+    model, diffusion = create_model_and_diffusion(**{**_unet_flags(args), "use_fp16": False})
+    return model.eval(), diffusion
+
+
+def e2e_features(args):
+    """Features per pixel of the e2e layout: every read block's output channels, at every step."""
+    layout = _e2e_layout(args)
+    with torch.device("meta"):
+        model, _ = create_model_and_diffusion(**{**_unet_flags(args), "use_fp16": False})
+    return len(layout["steps"]) * sum(model.output_blocks[b][0].out_channels for b in layout["blocks"])
+
+
+def write_scenes(folder, count, size, seed):
+    """`count` generated labelled scenes (the demo's shapes) in the official folder layout."""
+    os.makedirs(folder)
+    for i in range(count):
+        image, label = render_scene(np.random.default_rng([seed, i]), size)
+        Image.fromarray(image).save(os.path.join(folder, f"{i:05d}.png"))
+        np.save(os.path.join(folder, f"{i:05d}.npy"), label)
+
+
+def e2e_command(args, exp_path, run_dir):
+    """The train-interpreter command line the e2e phase runs."""
+    command = [sys.executable, "-m", "ddpm_seg.cli", "train-interpreter", "--exp", exp_path, "--run_dir", run_dir,
+               "--random_init", "--no_pictures", "--device", "cpu", "--seed", str(args.seed),
+               "--batch_size", str(args.batch), "--extract_dtype", args.extract_dtype]
+    if args.extract_batch is not None:
+        command += ["--extract_batch", str(args.extract_batch)]
+    if args.fp32:
+        command += ["--autocast", "none"]
+    return command + list(_e2e_layout(args)["flags"])
+
+
+def job_e2e_ours(args):
+    """train-interpreter end to end in a child process: its timings, wall time, peak RSS and mIoU."""
+    layout = _e2e_layout(args)
+    root = tempfile.mkdtemp(prefix="ddpm-seg-e2e-")
+    try:
+        write_scenes(os.path.join(root, "train"), args.e2e_n, layout["image"], args.seed)
+        write_scenes(os.path.join(root, "test"), args.test_n, layout["image"], args.seed + 1)
+        size = layout["image"]
+        cfg = {"exp_dir": os.path.join(root, "runs"), "model_type": "ddpm", "category": "e2e",
+               "number_class": layout["classes"], "ignore_label": IGNORE_LABEL,
+               "training_path": os.path.join(root, "train"), "testing_path": os.path.join(root, "test"),
+               "model_path": "unused (random_init)", "dim": [size, size, e2e_features(args)],
+               "steps": layout["steps"], "blocks": layout["blocks"], "model_num": args.members,
+               "batch_size": PAPER_BATCH, "training_number": args.e2e_n, "testing_number": args.test_n,
+               "upsample_mode": "bilinear", "share_noise": True, "input_activations": False}
+        exp_path = os.path.join(root, "e2e.json")
+        with open(exp_path, "w") as f:
+            json.dump(cfg, f)
+        run_dir = os.path.join(root, "run")
+        command = e2e_command(args, exp_path, run_dir)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+                   PYTHONPATH=os.pathsep.join([package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        log_path = os.path.join(root, "log.txt")
+        with open(log_path, "w") as log:
+            out = log if args.quiet else None
+            start = time.perf_counter()
+            child = subprocess.Popen(command, env=env, stdout=out, stderr=out)
+            _, status, usage = os.wait4(child.pid, 0)
+            wall = time.perf_counter() - start
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            with open(log_path) as log:
+                tail = log.read()[-2000:]
+            raise RuntimeError(f"e2e: train-interpreter exited with code {code}\n{tail}")
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            metrics = json.load(f)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    timings = metrics["timings"]
+    return {"wall_s": wall, "child_peak_rss": usage.ru_maxrss * 1024, "miou": metrics["miou"],
+            "extract_train_s": timings["extract_train_s"], "train_ensemble_s": timings["train_ensemble_s"],
+            "evaluate_s": timings["evaluate_s"], "extract_batch": timings["extract_batch"],
+            "member_steps": list(timings["member_steps"].values()),
+            "command": " ".join(command[1:]).replace(exp_path, "<exp.json>").replace(run_dir, "<run_dir>")}
+
+
+def job_e2e_original_forward(args):
+    """The original's extraction cost per image and step: one full forward of the float32 UNet on one image
+    at one step (it runs a forward per step), timed after one untimed forward; median of --predict-runs."""
+    layout = _e2e_layout(args)
+    model, diffusion = _random_unet(args)
+    image = torch.rand(1, 3, layout["image"], layout["image"]) * 2 - 1
+    t = torch.tensor([layout["steps"][0]])
+    x_t = diffusion.q_sample(image, t, noise=torch.randn_like(image))
+    with torch.no_grad():
+        model(x_t, t)
+        return _timed_runs(args.predict_runs, lambda: model(x_t, t)[0, 0])
+
+
+def job_e2e_original_train(args):
+    """The original's training speed on the e2e layout: pixels per second of train_original_member (batch 64,
+    float32) on a random [ORIGINAL_TRAIN_ROWS, D] tensor (a step's cost does not depend on the data's size)."""
+    layout = _e2e_layout(args)
+    dim = e2e_features(args)
+    gen = torch.Generator().manual_seed(args.seed)
+    X = torch.randn(ORIGINAL_TRAIN_ROWS, dim, generator=gen)
+    y = torch.randint(layout["classes"], (ORIGINAL_TRAIN_ROWS,), generator=gen, dtype=torch.uint8)
+    init = MLPEnsemble(dim, layout["classes"], 1, seed=args.seed)
+    train_original_member(original_member(init, 0), X, y, WARMUP_STEPS, args.seed)
+    start = time.perf_counter()
+    train_original_member(original_member(init, 0), X, y, args.train_steps, args.seed)
+    seconds = time.perf_counter() - start
+    return {"pixels_per_s": PAPER_BATCH * args.train_steps / seconds, "features": dim}
+
+
+def e2e_results(ours, forward, train, args):
+    """Ours as measured, the original computed from its measured forward and training speed."""
+    layout = _e2e_layout(args)
+    num_steps = len(layout["steps"])
+    pixels = sum(ours["member_steps"]) * args.batch  # pixel presentations of all members (last batches rounded up)
+    original = {
+        "extract_train_s": args.e2e_n * num_steps * forward["time_s"],
+        "train_ensemble_s": pixels / train["pixels_per_s"],
+        "evaluate_s": args.test_n * num_steps * forward["time_s"],
+        "forward_s": forward["time_s"],
+        "forward_peak_rss": forward["peak_rss"],
+        "train_pixels_per_s": train["pixels_per_s"],
+    }
+    original["total_s"] = original["extract_train_s"] + original["train_ensemble_s"] + original["evaluate_s"]
+    per_image_ours = ours["extract_train_s"] / args.e2e_n
+    per_image_original = num_steps * forward["time_s"]
+    return {
+        "ours": ours, "original": original, "pixel_presentations": pixels,
+        "extract_per_image_s": {"ours": per_image_ours, "original": per_image_original},
+        "extract_speedup": per_image_original / per_image_ours,
+        "train_speedup": original["train_ensemble_s"] / ours["train_ensemble_s"],
+        "evaluate_speedup": original["evaluate_s"] / ours["evaluate_s"],
+        "total_speedup": original["total_s"] / ours["wall_s"],
+        "formulas": {
+            "original extract train": f"n * steps * forward_s = {args.e2e_n} * {num_steps} * {forward['time_s']:.3f}",
+            "original train ensemble": f"our pixel presentations / original px/s = {pixels} / "
+                                       f"{train['pixels_per_s']:.0f} (equal pixels per member)",
+            "original evaluate": f"test_n * steps * forward_s (UNet only; its full-resolution MLP pass is left out) "
+                                 f"= {args.test_n} * {num_steps} * {forward['time_s']:.3f}",
+        },
+    }
+
+
 # ---- the run ----
 
 
@@ -464,7 +662,7 @@ def run_bench(args):
         speedup = ours["pixels_per_s"] / orig["pixels_per_s"]
         results["train"] = {"ours": ours, "original": orig, "speedup": speedup}
         say(f"train ({args.members} members x {args.train_steps} steps; ours batch {args.batch}, "
-            f"{'fp32' if args.fp32 else 'bf16 matmuls'}; original batch {PAPER_BATCH}, fp32): ours {ours['pixels_per_s']:.0f} px/s "
+            f"{'bf16 matmuls' if _bf16(args) else 'fp32'}; original batch {PAPER_BATCH}, fp32): ours {ours['pixels_per_s']:.0f} px/s "
             f"({ours['time_s']:.2f} s), peak RSS {ours['peak_rss'] / GB:.2f} GB at N={args.n} | original "
             f"{orig['pixels_per_s']:.0f} px/s ({orig['time_s']:.2f} s), peak RSS {orig['peak_rss'] / GB:.2f} GB "
             f"at N={args.orig_n}, computed {orig['peak_rss_computed'] / GB:.1f} GB at N={args.n} | "
@@ -481,6 +679,18 @@ def run_bench(args):
             f"{orig['time_s']:.3f} s, peak RSS {orig['peak_rss'] / GB:.2f} GB | {speedup:.2f}x faster, "
             f"same label on {100 * agreement:.3f}% of pixels")
 
+    if "e2e" in args.phases:
+        ours = run_isolated(job_e2e_ours, args)
+        forward = run_isolated(job_e2e_original_forward, args)
+        forward.pop("pred")
+        train = run_isolated(job_e2e_original_train, args)
+        e = results["e2e"] = e2e_results(ours, forward, train, args)
+        say(f"e2e ({args.e2e_n} train + {args.test_n} test images, {args.members} members, batch {args.batch}; "
+            f"extract batch {ours['extract_batch']}): ours {ours['wall_s']:.0f} s wall, peak RSS "
+            f"{ours['child_peak_rss'] / GB:.2f} GB, mIoU {100 * ours['miou']:.2f} | original computed "
+            f"{e['original']['total_s']:.0f} s (forward {forward['time_s']:.2f} s per image and step, "
+            f"training {train['pixels_per_s']:.0f} px/s) | extraction {e['extract_speedup']:.2f}x per image")
+
     if "quality" in args.phases:
         q = run_isolated(job_quality, args)
         q["gap_points"] = 100 * abs(q["miou_ours"] - q["miou_original"])
@@ -491,11 +701,13 @@ def run_bench(args):
             f"{100 * q['miou_original']:.2f}, chance {100 * q['miou_chance']:.2f}; gap {q['gap_points']:.2f} points")
 
     results["targets"] = check_targets(results)
-    results["formulas"] = {
-        "original_peak_rss_at_N": f"base RSS + B * max(2N, N + 2), B = D*H*W*4 = {full_bytes} bytes per image "
-                                  "(full-res tensor + its reshape copy; N + 2 while filling)",
-        "original_store_time_at_N": "measured time / orig_n * N",
-    }
+    results["formulas"] = dict(results.get("e2e", {}).get("formulas", {}))
+    if any(phase in results for phase in DEFAULT_PHASES):
+        results["formulas"].update({
+            "original_peak_rss_at_N": f"base RSS + B * max(2N, N + 2), B = D*H*W*4 = {full_bytes} bytes per image "
+                                      "(full-res tensor + its reshape copy; N + 2 while filling)",
+            "original_store_time_at_N": "measured time / orig_n * N",
+        })
     return results
 
 
@@ -506,6 +718,9 @@ def check_targets(results):
         "predict_speedup": results.get("predict", {}).get("speedup"),
         "quality_gap": results.get("quality", {}).get("gap_points"),
         "predict_agreement": results.get("predict", {}).get("agreement"),
+        "e2e_wall": results.get("e2e", {}).get("ours", {}).get("wall_s"),
+        "e2e_peak_rss": results.get("e2e", {}).get("ours", {}).get("child_peak_rss"),
+        "extract_speedup": results.get("e2e", {}).get("extract_speedup"),
     }
     targets = {}
     for name, value in values.items():
@@ -529,7 +744,9 @@ def format_table(results):
     """The summary: phase | ours | original (measured at small N; computed at N) | ratio | target | met?"""
     cfg, t = results["config"], results["targets"]
     n, orig_n = cfg["n"], cfg["orig_n"]
-    rows = [("phase", "ours", f"original (measured @N={orig_n}; computed @N={n})", "ratio", "target", "met?")]
+    synthetic = any(phase in results for phase in DEFAULT_PHASES)
+    original = f"original (measured @N={orig_n}; computed @N={n})" if synthetic else "original (computed)"
+    rows = [("phase", "ours", original, "ratio", "target", "met?")]
 
     def met(*names):
         return ", ".join("yes" if t[k]["met"] else "NO" for k in names)
@@ -557,6 +774,21 @@ def format_table(results):
         rows.append(("quality", f"mIoU {100 * q['miou_ours']:.2f}", f"mIoU {100 * q['miou_original']:.2f}",
                      f"gap {q['gap_points']:.2f} pt (chance {100 * q['miou_chance']:.2f})", "gap <= 2 pt",
                      met("quality_gap")))
+    if "e2e" in results:
+        e, o, g = results["e2e"], results["e2e"]["ours"], results["e2e"]["original"]
+        n, test_n = cfg["e2e_n"], cfg["test_n"]
+        rows.append((f"e2e extract train ({n})", _sec(o["extract_train_s"]), _sec(g["extract_train_s"]),
+                     f"{g['extract_train_s'] / o['extract_train_s']:.2f}x", "-", "-"))
+        rows.append(("e2e extract per image", _sec(e["extract_per_image_s"]["ours"]),
+                     _sec(e["extract_per_image_s"]["original"]), f"{e['extract_speedup']:.2f}x", ">= 3x",
+                     met("extract_speedup")))
+        rows.append(("e2e train ensemble", _sec(o["train_ensemble_s"]), _sec(g["train_ensemble_s"]),
+                     f"{e['train_speedup']:.2f}x", "-", "-"))
+        rows.append((f"e2e evaluate ({test_n})", _sec(o["evaluate_s"]), _sec(g["evaluate_s"]),
+                     f"{e['evaluate_speedup']:.2f}x", "-", "-"))
+        rows.append(("e2e total", f"{_sec(o['wall_s'])} wall, peak {_gb(o['child_peak_rss'])}",
+                     f"{_sec(g['total_s'])}", f"{e['total_speedup']:.2f}x", "<= 15 min; peak <= 6 GB",
+                     met("e2e_wall", "e2e_peak_rss")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -588,19 +820,29 @@ def phase_list(text):
 def build_parser():
     parser = argparse.ArgumentParser(prog="ddpm-seg bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=positive_int, default=50, help="training images for our store and training")
+    parser.add_argument("--n", type=positive_int, default=None,
+                        help=f"training images: for our store and training ({SYNTHETIC_N} if not given), and for "
+                             f"e2e ({E2E['n']}, bedroom_28's, if not given)")
+    parser.add_argument("--test_n", "--test-n", type=positive_int, default=E2E["test_n"],
+                        help="e2e: test images (bedroom_28's 20)")
+    parser.add_argument("--extract_dtype", "--extract-dtype", choices=["auto"] + sorted(EXTRACT_DTYPES),
+                        default="auto", help="e2e: train-interpreter's --extract_dtype")
+    parser.add_argument("--extract_batch", "--extract-batch", type=positive_int, default=None,
+                        help="e2e: train-interpreter's --extract_batch (default: its own, from free memory)")
     parser.add_argument("--orig-n", type=positive_int, default=2,
                         help="training images for the original approach (about 2.2 GB each at the paper layout)")
     parser.add_argument("--members", type=positive_int, default=10)
     parser.add_argument("--train-steps", type=positive_int, default=200, help="timed training steps per member")
     parser.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="torch threads per phase")
-    parser.add_argument("--phases", type=phase_list, default=list(PHASES), help=",".join(PHASES))
+    parser.add_argument("--phases", type=phase_list, default=list(DEFAULT_PHASES),
+                        help=f"any of {','.join(PHASES)} (default {','.join(DEFAULT_PHASES)})")
     parser.add_argument("--store", choices=["ram", "disk"], default="ram", help="where our store keeps its maps")
     parser.add_argument("--batch", type=positive_int, default=1024,
                         help="our pixels per member per step, Adam lr 1e-3 * sqrt(batch / 64) (the original keeps "
                              "the paper's 64 and 1e-3)")
     parser.add_argument("--fp32", action="store_true",
-                        help="our first-layer matmuls in float32 (float16 store) instead of bfloat16 (bfloat16 store)")
+                        help="our first-layer matmuls in float32 (float16 store) even where this CPU has native "
+                             "bfloat16 (without it they are float32 anyway, as train-interpreter's --autocast auto)")
     parser.add_argument("--classes", type=positive_int, default=10, help="classes of the synthetic task")
     parser.add_argument("--predict-runs", type=positive_int, default=3, help="timed predictions (median reported)")
     parser.add_argument("--quality-n", type=positive_int, default=2, help="training images of the quality check")
@@ -608,7 +850,8 @@ def build_parser():
     parser.add_argument("--quality-epochs", type=positive_float, default=1.0,
                         help="passes over the training pixels per member in the quality check")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--small", action="store_true", help="a tiny layout (64x64 images, 1/16 of the channels)")
+    parser.add_argument("--small", action="store_true",
+                        help="a tiny layout (64x64 images, 1/16 of the channels; e2e: a tiny UNet on 32x32 images)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or phase lines, only the table")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser
@@ -616,6 +859,8 @@ def build_parser():
 
 def main(argv):
     args = build_parser().parse_args(argv)
+    args.e2e_n = args.n or (E2E_SMALL if args.small else E2E)["n"]
+    args.n = args.n or SYNTHETIC_N
     if args.classes < 2:
         raise ValueError(f"--classes must be at least 2, got {args.classes}")
     results = run_bench(args)

@@ -13,6 +13,7 @@ mIoU against the DDPM's training steps, as a table, curve.csv and curve.png.
 """
 
 import argparse
+import glob
 import json
 import os
 import re

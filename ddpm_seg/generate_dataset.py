@@ -40,7 +40,7 @@ from guided_diffusion.script_util import (
     model_and_diffusion_defaults,
 )
 
-from .backbones import create_feature_extractor
+from .backbones import add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_dtype
 from .config import check_paths, load_experiment, resolve_model_flags, run_dir
 from .data import synthetic_dataset_path
 from .interpreter import Interpreter, load_ensemble
@@ -63,6 +63,8 @@ def add_args(parser):
     parser.add_argument("--out_dir", default=None, help="where the .npz goes (default: the ensemble's folder)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (under torchrun: cuda:LOCAL_RANK)")
     add_dict_to_argparser(parser, sampling_defaults())
+    # --extract_dtype also sets the dtype the samples are drawn in: both run the same UNet.
+    add_extraction_args(parser)
     # Model flags, as train-interpreter takes them. --timestep_respacing (e.g. 250, or ddim100 with --use_ddim True)
     # shortens sampling only: features are always taken on the full process the ensemble was trained with.
     add_dict_to_argparser(parser, model_and_diffusion_defaults())
@@ -108,14 +110,19 @@ def sample_images(model, diffusion, indices, seed, image_size, use_ddim=False, c
 
 
 def label_images(interpreter, images, indices, seed):
-    """uint8 images [B, H, W, 3] -> (uint8 labels [B, H, W], float32 uncertainty scores [B]), as on real images."""
+    """uint8 images [B, H, W, 3] -> (uint8 labels [B, H, W], float32 uncertainty scores [B]), as on real images,
+    interpreter.extract_batch images per extractor call."""
+    batch_size = interpreter.extract_batch
+    if interpreter.extractor.noise is None:
+        # Without share_noise the extractor draws fresh noise from the global generator, seeded per sample
+        # below so that a sample's labels do not depend on its chunk: one image per call.
+        batch_size = 1
     labels, scores = [], []
-    for image, i in zip(images, indices):
-        # Only matters without share_noise: the extractor then draws fresh noise from the global generator.
-        torch.manual_seed(sample_seed(seed, i, stream=1))
-        label, _, score = interpreter(image)
-        labels.append(label)
-        scores.append(score)
+    for start in range(0, len(images), batch_size):
+        torch.manual_seed(sample_seed(seed, indices[start], stream=1))
+        for label, _, score in interpreter.segment(images[start:start + batch_size]):
+            labels.append(label)
+            scores.append(score)
     return np.stack(labels), np.array(scores, dtype=np.float32)
 
 
@@ -261,10 +268,12 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
     folder = shard_dir(out_path)
     # num_samples is left out: sample i does not depend on it, so a finished run can be extended.
     settings = {**{k: v for k, v in opts.items() if k != "num_samples"}, "seed": args.seed, "exp": cfg,
-                "model_flags": flags, "ensemble_dir": os.path.abspath(ensemble_dir)}
+                "model_flags": flags, "ensemble_dir": os.path.abspath(ensemble_dir),
+                "extract_dtype": dtype_name(extract_dtype(args.extract_dtype, device, bool(flags.get("use_fp16"))))}
     # Features on the full process the ensemble was trained with; sampling on the (maybe respaced) one.
     # Both are built before anything is written, so a wrong --seed or --run_dir leaves no folder behind.
-    extractor = create_feature_extractor(cfg, flags, device, seed=args.seed, config_path=args.exp)
+    extractor = create_feature_extractor(cfg, flags, device, seed=args.seed, config_path=args.exp,
+                                         dtype=args.extract_dtype)
     interpreter = Interpreter(cfg, extractor, load_ensemble(cfg, ensemble_dir, args.seed, device))
     diffusion = sampling_diffusion(flags)
     chunks = chunk_ranges(opts["num_samples"], opts["batch_size"])
@@ -310,6 +319,8 @@ def _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, 
         indices = range(*chunks[k])
         images = sample_images(interpreter.extractor.model, diffusion, indices, opts["sample_seed"], size,
                                opts["use_ddim"], opts["clip_denoised"])
+        # 1 until the extractor has seen an image and knows its memory per image.
+        interpreter.extract_batch = extract_batch_size(args.extract_batch, extractor.bytes_per_image, device)
         labels, scores = label_images(interpreter, images, indices, opts["sample_seed"])
         save_chunk(chunk_path(folder, k), indices, images, labels, scores)
         bar.update(len(indices))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .backbones import create_feature_extractor
+from .backbones import create_feature_extractor, extract_batches
 from .class_info import class_table
 from .config import validate_experiment
 from .data import image_to_rgb, resize_image
@@ -101,13 +101,14 @@ def segment_maps(ensemble, maps, resolution, size):
 class Interpreter:
     """Segments images with a feature extractor and a trained ensemble; class names and palette come along."""
 
-    def __init__(self, cfg, extractor, ensemble):
+    def __init__(self, cfg, extractor, ensemble, extract_batch=1):
         if cfg["number_class"] > 256:
             raise ValueError(f"number_class {cfg['number_class']} > 256: labels are written as uint8 ids")
         self.cfg, self.extractor, self.ensemble = cfg, extractor, ensemble
         self.class_names, self.palette = class_table(cfg)
         self.number_class, self.ignore_label = cfg["number_class"], cfg["ignore_label"]
         self.resolution = tuple(cfg["dim"][:2])
+        self.extract_batch = extract_batch  # images per backbone forward
 
     @classmethod
     def load(cls, run_dir, model_path=None, device="auto"):
@@ -140,8 +141,12 @@ class Interpreter:
         return cls(cfg, extractor, load_ensemble(cfg, run_dir, seed, device))
 
     def features(self, images):
-        """Feature maps of images already at the experiment's resolution: per image, a list of [C, h, w]."""
-        return [self.extractor(image) for image in images]
+        """Feature maps of images already at the experiment's resolution: per image, a list of [C, h, w];
+        extract_batch images per backbone forward."""
+        per_image = []
+        for chunk, maps in extract_batches(self.extractor, images, self.extract_batch):
+            per_image += [[m[j] for m in maps] for j in range(len(chunk))]
+        return per_image
 
     def segment(self, images):
         """[(labels uint8 [H, W], uncertainty float32 [H, W], score)] for images (PIL or uint8 [H, W, 3])
@@ -160,19 +165,28 @@ def evaluate(interpreter, items, folder, pictures=True):
     matrix = ConfusionMatrix(interpreter.number_class, interpreter.ignore_label)
     scores = []
     root = os.path.commonpath([os.path.dirname(it.path) for it in items])
-    for item in tqdm(items, desc="evaluate"):
-        pred, unc, score = interpreter(item.image)
-        matrix.update(pred, item.label)
-        scores.append(score)
-        stem = os.path.splitext(os.path.relpath(item.path, root))[0].replace(os.sep, "__")
-        atomic_save_npy(os.path.join(folder, "predictions", stem + ".npy"), pred)
-        if pictures:
-            save_prediction_picture(os.path.join(folder, "predictions", stem + ".png"), item.image, item.label,
-                                    pred, unc, interpreter.palette, interpreter.ignore_label,
-                                    scale=max(1, 128 // min(item.label.shape)))
+    bar = tqdm(total=len(items), desc="evaluate")
+    for start in range(0, len(items), interpreter.extract_batch):
+        chunk = items[start:start + interpreter.extract_batch]
+        for item, (pred, unc, score) in zip(chunk, interpreter.segment([it.image for it in chunk])):
+            evaluate_one(interpreter, item, pred, unc, matrix, folder, root, pictures)
+            scores.append(score)
+        bar.update(len(chunk))
+    bar.close()
     return {
         **iou_metrics(matrix, interpreter.class_names, interpreter.ignore_label),
         "mean_uncertainty": float(np.mean(scores)),
         "uncertainty_scores": scores,
         "num_test_images": len(items),
     }
+
+
+def evaluate_one(interpreter, item, pred, unc, matrix, folder, root, pictures):
+    """Count one test image's prediction in `matrix` and save it (and its picture) under folder/predictions."""
+    matrix.update(pred, item.label)
+    stem = os.path.splitext(os.path.relpath(item.path, root))[0].replace(os.sep, "__")
+    atomic_save_npy(os.path.join(folder, "predictions", stem + ".npy"), pred)
+    if pictures:
+        save_prediction_picture(os.path.join(folder, "predictions", stem + ".png"), item.image, item.label,
+                                pred, unc, interpreter.palette, interpreter.ignore_label,
+                                scale=max(1, 128 // min(item.label.shape)))

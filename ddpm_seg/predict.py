@@ -162,6 +162,7 @@ def predict(args) -> dict:
         segmenter = DeepLabSegmenter.load(args.deeplab, args.exp, resolve_device(args.device))
     else:
         segmenter = Interpreter.load(args.run_dir, args.model_path, args.device)
+        segmenter.extract_batch = args.batch_size  # one backbone forward per batch of inputs
     rows, failed, top = [], [], []  # top: heap of the --suggest most uncertain (score, -index, ...)
     start = time.time()
     bar = tqdm(total=len(inputs), unit="img", desc="predict", dynamic_ncols=True)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
-from .backbones import create_feature_extractor
+from .backbones import add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_dtype
 from .backbones.ddpm import DDPMFeatureExtractor
 from .config import check_paths, load_experiment, resolve_model_flags
 from .data import load_split
@@ -33,7 +33,8 @@ from .ensemble import MLPEnsemble, train_ensemble
 from .evaluate import ConfusionMatrix
 from .feature_store import FeatureStore
 from .interpreter import segment_maps
-from .training import AUTOCAST, add_precision_args, extract_training_store, store_dtype_name, training_sampler
+from .training import (AUTOCAST, add_precision_args, extract_training_store, resolve_autocast, store_dtype_name,
+                       training_sampler)
 from .utils import atomic_path, check_settings, resolve_device, seed_everything
 from .visualize import heatmap
 
@@ -92,10 +93,12 @@ def run_sweep(cfg, exp_path, model_flags, args):
                          f"'diffusers'); model_type is {cfg['model_type']!r}")
     seed_everything(args.seed)
     device = resolve_device(args.device)
+    args.autocast = resolve_autocast(args.autocast, device)
     check_paths(cfg, ["training_path", "testing_path", "model_path"], exp_path)
     steps, blocks = args.steps, args.blocks
     # Built with every step and block so that out-of-range ones fail here, before anything is written.
-    base = create_feature_extractor(dict(cfg, steps=steps, blocks=blocks), model_flags, device, seed=args.seed)
+    base = create_feature_extractor(dict(cfg, steps=steps, blocks=blocks), model_flags, device, seed=args.seed,
+                                    dtype=args.extract_dtype)
     if cfg["model_type"] == "ddpm":
         extractors = {t: DDPMFeatureExtractor(base.model, base.diffusion, [t], blocks, base.input_activations,
                                               base.noise) for t in steps}
@@ -109,7 +112,9 @@ def run_sweep(cfg, exp_path, model_flags, args):
     os.makedirs(os.path.join(args.out, "features"), exist_ok=True)
     check_settings(os.path.join(args.out, "features", "settings.json"),
                    {"config": cfg, "model_flags": model_flags, "steps": steps, "blocks": blocks,
-                    "seed": args.seed, "store_dtype": store_dtype_name(args)}, write=True)
+                    "seed": args.seed, "store_dtype": store_dtype_name(args),
+                    "extract_dtype": dtype_name(extract_dtype(args.extract_dtype, device,
+                                                              bool(model_flags.get("use_fp16"))))}, write=True)
 
     # Steps one after the other, so only one step's training features are held at a time.
     cells, ensembles = [], {}
@@ -117,7 +122,8 @@ def run_sweep(cfg, exp_path, model_flags, args):
     for t in steps:
         store_root = os.path.join(args.out, "features", f"step_{t}")
         first_maps = extractors[t](train_items[0].image)
-        store = extract_training_store(extractors[t], train_items, first_maps, args, store_root)
+        batch = extract_batch_size(args.extract_batch, getattr(extractors[t], "bytes_per_image", None), device)
+        store = extract_training_store(extractors[t], train_items, first_maps, args, store_root, batch)
         for k, b in enumerate(blocks):
             channels, h, w = store.map_shapes[k]
             cell_store = single_map_store(store, k)
@@ -133,12 +139,21 @@ def run_sweep(cfg, exp_path, model_flags, args):
     bar.close()
 
     matrices = {key: ConfusionMatrix(cfg["number_class"], cfg["ignore_label"]) for key in ensembles}
-    for item in tqdm(test_items, desc="evaluate cells"):
+    bar = tqdm(total=len(test_items), desc="evaluate cells")
+    # Extractors that do not estimate their memory per image (None) get the default batch.
+    sizes = [getattr(e, "bytes_per_image", None) for e in extractors.values()]
+    batch = extract_batch_size(args.extract_batch, None if None in sizes else max(sizes), device)
+    for start in range(0, len(test_items), batch):
+        chunk = test_items[start:start + batch]
+        images = np.stack([item.image for item in chunk])
         for t in steps:
-            maps = extractors[t](item.image)
-            for k, b in enumerate(blocks):
-                labels, _, _ = segment_maps(ensembles[t, b], [maps[k]], item.label.shape, item.label.shape)
-                matrices[t, b].update(labels, item.label)
+            maps = extractors[t](images)
+            for j, item in enumerate(chunk):
+                for k, b in enumerate(blocks):
+                    labels, _, _ = segment_maps(ensembles[t, b], [maps[k][j]], item.label.shape, item.label.shape)
+                    matrices[t, b].update(labels, item.label)
+        bar.update(len(chunk))
+    bar.close()
     for cell in cells:
         cell["miou"] = matrices[cell["step"], cell["block"]].miou()
     shutil.rmtree(os.path.join(args.out, "features"), ignore_errors=True)
@@ -241,6 +256,7 @@ def add_args(parser):
     parser.add_argument("--store", choices=["auto", "ram", "disk"], default="auto",
                         help="where one step's training features live (as train-interpreter)")
     add_precision_args(parser)
+    add_extraction_args(parser)
     add_dict_to_argparser(parser, model_and_diffusion_defaults())
 
 

@@ -16,13 +16,15 @@ from tqdm import tqdm
 
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
-from .backbones import create_feature_extractor
+from .backbones import (add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_batches,
+                        extract_dtype)
 from .config import check_paths, run_dir
 from .data import load_split
 from .ensemble import MLPEnsemble, scaled_lr, train_ensemble
 from .feature_store import FeatureStore, PixelSampler
 from .interpreter import Interpreter, evaluate, member_path
-from .utils import atomic_write_json, check_settings, check_writable, resolve_device, seed_everything
+from .utils import (atomic_write_json, available_memory_bytes, check_settings, check_writable, fast_bf16,
+                    resolve_device, seed_everything)
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -42,6 +44,7 @@ def add_args(parser):
                         help="where training features live: RAM, memory-mapped files in the run folder, or "
                              "RAM when they take less than half the available memory")
     add_precision_args(parser)
+    add_extraction_args(parser)
     parser.add_argument("--batch_size", type=int, default=None,
                         help="pixels per member per step (default: the config's, 64 in the paper's); 1024 trains "
                              "~5x faster than the original on CPU at the same mIoU (see README)")
@@ -55,29 +58,26 @@ def add_args(parser):
 
 
 def add_precision_args(parser):
-    parser.add_argument("--autocast", choices=sorted(AUTOCAST), default="bf16",
+    parser.add_argument("--autocast", choices=["auto"] + sorted(AUTOCAST), default="auto",
                         help="bf16: the first layer of the ensemble (nearly all its FLOPs) multiplies in bfloat16 "
-                             "with float32 accumulation, ~4x faster on CPU; none: float32 throughout")
+                             "with float32 accumulation, ~4x faster on CPUs with AMX; none: float32 throughout; "
+                             "auto: bf16 on CUDA and on CPUs with native bf16, else none")
     parser.add_argument("--store_dtype", choices=["auto"] + sorted(STORE_DTYPES), default="auto",
                         help="dtype of the training feature store; auto: bfloat16 under --autocast bf16 (the "
                              "features are rounded to bfloat16 before the matmul anyway), else float16")
+
+
+def resolve_autocast(name, device):
+    """--autocast auto -> bf16 where bf16 matmuls are fast (emulated bf16 is 15-50x slower than float32), else none."""
+    if name != "auto":
+        return name
+    return "bf16" if fast_bf16(device) else "none"
 
 
 def store_dtype_name(args):
     if args.store_dtype != "auto":
         return args.store_dtype
     return "bfloat16" if AUTOCAST[args.autocast] == torch.bfloat16 else "float16"
-
-
-def available_memory_bytes():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def check_feature_size(cfg, maps, exp_path):
@@ -89,8 +89,9 @@ def check_feature_size(cfg, maps, exp_path):
                          f"set dim[-1] to {total}")
 
 
-def extract_training_store(extractor, items, first_maps, args, store_root):
-    """Extract every training image's maps into a FeatureStore (resuming a disk store that was cut short)."""
+def extract_training_store(extractor, items, first_maps, args, store_root, batch_size=1):
+    """Extract every training image's maps into a FeatureStore (resuming a disk store that was cut short),
+    batch_size images per extractor call."""
     shapes = [tuple(m.shape) for m in first_maps]
     dtype = STORE_DTYPES[store_dtype_name(args)]
     per_image = sum(c * h * w for c, h, w in shapes) * torch.finfo(dtype).bits // 8
@@ -98,8 +99,16 @@ def extract_training_store(extractor, items, first_maps, args, store_root):
         args.store == "auto" and per_image * len(items) > RAM_STORE_SHARE * available_memory_bytes())
     store = FeatureStore(shapes, items[0].label.shape, len(items), dtype=dtype, root=store_root if use_disk else None)
     todo = store.missing()
-    for i in tqdm(todo, desc="extract train features"):
-        store.put(i, first_maps if i == 0 else extractor(items[i].image))
+    bar = tqdm(total=len(todo), desc="extract train features")
+    if todo[:1] == [0]:
+        store.put(0, first_maps)
+        todo = todo[1:]
+        bar.update(1)
+    for chunk, maps in extract_batches(extractor, [items[i].image for i in todo], batch_size):
+        for j, k in enumerate(chunk):
+            store.put(todo[k], [m[j] for m in maps])
+        bar.update(len(chunk))
+    bar.close()
     return store
 
 
@@ -119,6 +128,7 @@ def run(cfg, exp_path, model_flags, args):
     """Train what is missing, then evaluate; returns the metrics dict also written to metrics.json."""
     seed_everything(args.seed)
     device = resolve_device(args.device)
+    args.autocast = resolve_autocast(args.autocast, device)
     folder = args.run_dir or run_dir(cfg, args.seed, args.random_init)
     check_paths(cfg, ["training_path", "testing_path"] + ([] if args.random_init else ["model_path"]), exp_path)
     batch_size = cfg["batch_size"] if args.batch_size is None else args.batch_size
@@ -132,7 +142,8 @@ def run(cfg, exp_path, model_flags, args):
     # before the first write, so a corrected rerun is not refused for "other settings".
     check_writable(folder)
     extractor = create_feature_extractor(cfg, model_flags, device, seed=args.seed, random_init=args.random_init,
-                                         config_path=exp_path)
+                                         config_path=exp_path, dtype=args.extract_dtype)
+    extract_dtype_name = dtype_name(extract_dtype(args.extract_dtype, device, bool(model_flags.get("use_fp16"))))
     test_items = load_split(cfg, "test")
     todo = [m for m in range(cfg["model_num"]) if not os.path.exists(member_path(folder, m))]
     if args.eval_only and todo:
@@ -141,6 +152,7 @@ def run(cfg, exp_path, model_flags, args):
     timings = {}
     if todo:
         train_items = load_split(cfg, "train")
+        start = time.time()  # extraction time counts the first image, extracted alone to check the feature size
         first_maps = extractor(train_items[0].image)
         check_feature_size(cfg, first_maps, exp_path)
         sampler = training_sampler(cfg, train_items)  # refuses labels with fewer than 2 labelled pixels
@@ -149,32 +161,36 @@ def run(cfg, exp_path, model_flags, args):
         check_settings(os.path.join(folder, "settings.json"),
                        {"config": cfg, "model_flags": model_flags, "seed": args.seed, "random_init": args.random_init,
                         "store_dtype": store_dtype_name(args), "autocast": args.autocast,
-                        "batch_size": batch_size, "lr": lr}, write=True)
+                        "batch_size": batch_size, "lr": lr, "extract_dtype": extract_dtype_name}, write=True)
         atomic_write_json(os.path.join(folder, os.path.basename(exp_path)), cfg)
         atomic_write_json(os.path.join(folder, "model_flags.json"), model_flags)
 
-        start = time.time()
         store_root = os.path.join(folder, "features")
-        store = extract_training_store(extractor, train_items, first_maps, args, store_root)
+        extract_batch = extract_batch_size(args.extract_batch, getattr(extractor, "bytes_per_image", None), device)
+        store = extract_training_store(extractor, train_items, first_maps, args, store_root, extract_batch)
         timings["extract_train_s"] = time.time() - start
+        timings["extract_batch"] = extract_batch
         print(f"{len(train_items)} training images, {len(sampler)} labelled pixels, {store.num_features} features "
               f"per pixel, store {store.nbytes / 2**30:.2f} GiB ({'disk' if store.root else 'RAM'}); "
               f"training members {todo}, batch {batch_size}, lr {lr:g}")
         start = time.time()
         # A RAM store goes to the GPU whole for fast gathers; a disk store was chosen because it does not fit.
         on_device = store if device.type == "cpu" or store.root else store.to(device)
-        train_ensemble(ensemble, on_device, sampler, seed=args.seed,
-                       batch_size=batch_size, lr=lr, members=todo, device=device,
-                       matmul_dtype=AUTOCAST[args.autocast],
-                       on_member_done=lambda m: ensemble.save_member(member_path(folder, m), m))
+        stats = train_ensemble(ensemble, on_device, sampler, seed=args.seed,
+                               batch_size=batch_size, lr=lr, members=todo, device=device,
+                               matmul_dtype=AUTOCAST[args.autocast],
+                               on_member_done=lambda m: ensemble.save_member(member_path(folder, m), m))
         timings["train_ensemble_s"] = time.time() - start
+        timings["member_steps"] = {m: stats[m]["steps"] for m in todo}
         del store
         shutil.rmtree(store_root, ignore_errors=True)  # a cache for resuming; the members are what we keep
     for m in range(cfg["model_num"]):
         ensemble.load_member(member_path(folder, m), m)
 
+    interpreter = Interpreter(cfg, extractor, ensemble.eval(),
+                              extract_batch_size(args.extract_batch, getattr(extractor, "bytes_per_image", None), device))
     start = time.time()
-    metrics = evaluate(Interpreter(cfg, extractor, ensemble.eval()), test_items, folder, pictures=not args.no_pictures)
+    metrics = evaluate(interpreter, test_items, folder, pictures=not args.no_pictures)
     timings["evaluate_s"] = time.time() - start
     metrics.update(seed=args.seed, model_type=cfg["model_type"], category=cfg.get("category"),
                    random_init=args.random_init, timings=timings)

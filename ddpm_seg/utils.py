@@ -34,6 +34,43 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+# The CPU flags of native bfloat16 arithmetic. Without them oneDNN emulates bf16: measured 15-50x slower
+# than float32 on an AVX2-only CPU (AMD EPYC, 2 cores), convolutions and matmuls alike.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16), from /proc/cpuinfo's flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return any(flag in line.split() for flag in NATIVE_BF16_FLAGS)
+    except OSError:
+        pass
+    return False
+
+
+def fast_bf16(device) -> bool:
+    """Whether bfloat16 matmuls pay on `device`: on CUDA, and on CPUs with native bf16."""
+    return torch.device(device).type == "cuda" or cpu_has_native_bf16()
+
+
+def available_memory_bytes(device="cpu") -> int:
+    """Free memory of `device`: the GPU's free bytes, or the host's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
 def keep_freed_memory() -> None:
     """Have glibc keep freed memory for reuse instead of handing it back to the OS at once.
 

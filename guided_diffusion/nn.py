@@ -73,18 +73,9 @@ def checkpoint(func, inputs, enabled: bool):
     return func(*inputs)
 
 
-def _convert_conv(module: nn.Module, dtype: torch.dtype) -> None:
+def convert_module_to_dtype(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast a convolution's weights to `dtype` (other layers stay float32, as in ADM's fp16 mode)."""
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         module.weight.data = module.weight.data.to(dtype)
         if module.bias is not None:
             module.bias.data = module.bias.data.to(dtype)
-
-
-def convert_module_to_f16(module: nn.Module) -> None:
-    """Cast a convolution's weights to float16 (other layers stay float32, as in ADM's fp16 mode)."""
-    _convert_conv(module, torch.float16)
-
-
-def convert_module_to_f32(module: nn.Module) -> None:
-    """Undo convert_module_to_f16."""
-    _convert_conv(module, torch.float32)

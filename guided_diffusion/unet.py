@@ -13,8 +13,7 @@ from .nn import (
     avg_pool_nd,
     checkpoint,
     conv_nd,
-    convert_module_to_f16,
-    convert_module_to_f32,
+    convert_module_to_dtype,
     linear,
     normalization,
     timestep_embedding,
@@ -400,21 +399,23 @@ class UNetModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """dtype of the body (input/middle/output blocks): float16 after convert_to_fp16(), else float32."""
+        """dtype of the body (input/middle/output blocks): float32 unless convert_body() set another."""
         return self.input_blocks[0][0].weight.dtype
 
     def _body(self):
         return (self.input_blocks, self.middle_block, self.output_blocks)
 
-    def convert_to_fp16(self):
-        """Cast the body's convolutions to float16; norms, embeddings and the output head stay float32."""
+    def convert_body(self, dtype: torch.dtype):
+        """Cast the body's convolutions to `dtype` (float16 as ADM's fp16 mode, bfloat16, or float32 to undo
+        it); norms (which compute in float32 anyway), embeddings and the output head stay float32."""
         for part in self._body():
-            part.apply(convert_module_to_f16)
+            part.apply(lambda module: convert_module_to_dtype(module, dtype))
+
+    def convert_to_fp16(self):
+        self.convert_body(torch.float16)
 
     def convert_to_fp32(self):
-        """Undo convert_to_fp16()."""
-        for part in self._body():
-            part.apply(convert_module_to_f32)
+        self.convert_body(torch.float32)
 
     def forward(self, x, timesteps, y=None):
         """

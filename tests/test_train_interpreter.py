@@ -120,13 +120,44 @@ def test_resume_refuses_other_settings(experiment):
 
 def test_batch_size_and_scaled_lr_are_settings_of_the_run(experiment):
     path, cfg = experiment
-    _run(path, "--no_pictures", "--batch_size", "128")
+    _run(path, "--no_pictures", "--batch_size", "128", "--autocast", "bf16")
     folder = os.path.join(cfg["exp_dir"], "10_30_2_5", "seed_0")
     settings = json.load(open(os.path.join(folder, "settings.json")))
     assert settings["batch_size"] == 128 and settings["lr"] == pytest.approx(1e-3 * 2 ** 0.5)
-    assert settings["store_dtype"] == "bfloat16"  # --autocast bf16 (the default) stores bfloat16
+    assert settings["store_dtype"] == "bfloat16"  # --autocast bf16 stores bfloat16
     os.remove(os.path.join(folder, "model_1.pth"))
     with pytest.raises(ValueError, match="other settings"):
-        _run(path, "--no_pictures")  # the config's batch 64 would train member 1 another way
+        _run(path, "--no_pictures", "--autocast", "bf16")  # the config's batch 64 would train member 1 another way
     with pytest.raises(ValueError, match="--batch_size must be at least 2"):
         _run(path, "--batch_size", "1")
+
+
+def test_extract_dtype_is_a_setting_of_the_run(experiment):
+    path, cfg = experiment
+    _run(path, "--no_pictures", "--extract_dtype", "fp32", "--extract_batch", "2")
+    folder = os.path.join(cfg["exp_dir"], "10_30_2_5", "seed_0")
+    settings = json.load(open(os.path.join(folder, "settings.json")))
+    assert settings["extract_dtype"] == "fp32"
+    metrics = json.load(open(os.path.join(folder, "metrics.json")))
+    assert metrics["timings"]["extract_batch"] == 2 and len(metrics["timings"]["member_steps"]) == cfg["model_num"]
+    os.remove(os.path.join(folder, "model_1.pth"))
+    with pytest.raises(ValueError, match="extract_dtype"):
+        _run(path, "--no_pictures", "--extract_dtype", "bf16")
+
+
+def test_batched_extraction_trains_the_same_members(experiment, tmp_path):
+    """--extract_batch changes how many images go through one forward, not the features (fp32): the members
+    trained on them and the test predictions are the same."""
+    path, cfg = experiment
+    folders = []
+    for batch in ("1", "3"):
+        folder = tmp_path / f"batch{batch}"
+        _run(path, "--no_pictures", "--extract_dtype", "fp32", "--extract_batch", batch, "--run_dir", str(folder))
+        folders.append(folder)
+    a, b = (json.load(open(f / "metrics.json")) for f in folders)
+    assert a["miou"] == pytest.approx(b["miou"], abs=1e-6)
+    for m in range(cfg["model_num"]):
+        sa = torch.load(folders[0] / f"model_{m}.pth", weights_only=True)["model_state_dict"]
+        sb = torch.load(folders[1] / f"model_{m}.pth", weights_only=True)["model_state_dict"]
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], rtol=1e-4, atol=1e-5)

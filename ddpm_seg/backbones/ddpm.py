@@ -6,7 +6,7 @@ import torch
 from guided_diffusion.checkpoint import load_ddpm
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-from . import image_tensor, register
+from . import batch_result, image_tensor, register
 
 
 class _StopForward(Exception):
@@ -30,6 +30,7 @@ class DDPMFeatureExtractor:
         self.input_activations = input_activations
         # One seeded noise for all images and steps (share_noise), made on the model's device as the original does.
         self.noise = noise
+        self.bytes_per_image = None  # known after the first call
         self._activations = {}
 
     @property
@@ -46,16 +47,27 @@ class DDPMFeatureExtractor:
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> list:
-        """uint8 [H, W, 3] -> maps [C, h, w] (float32), step-major: [t0: b0 b1 .. | t1: ...]."""
-        x = image_tensor(image, self.device, "symmetric").expand(len(self.steps), -1, -1, -1)
-        t = torch.tensor(self.steps, device=self.device)
-        noise = self.noise.expand_as(x) if self.noise is not None else torch.randn_like(x)
+        """uint8 [H, W, 3] -> maps [C, h, w], or [N, H, W, 3] -> maps [N, C, h, w] (float32), step-major:
+        [t0: b0 b1 .. | t1: ...]. Every image and step of a call go through one truncated forward."""
+        x = image_tensor(image, self.device, "symmetric")
+        num_images, num_steps = x.shape[0], len(self.steps)
+        # Image-major: image i's steps are rows i*S .. i*S+S-1.
+        x = x.repeat_interleave(num_steps, dim=0)
+        t = torch.tensor(self.steps, device=self.device).repeat(num_images)
+        if self.noise is not None:
+            noise = self.noise.expand_as(x)  # share_noise: the same noise for every image and step
+        else:
+            # One draw per image, in image order: the draws N one-image calls would make.
+            noise = torch.cat([torch.randn_like(x[:num_steps]) for _ in range(num_images)])
         x_t = self.diffusion.q_sample(x, t, noise=noise)
         self._activations.clear()
         # Hooks live only for this call, so the model stays usable as a plain UNet elsewhere.
         last = max(self.blocks)
         handles = [self.model.output_blocks[b].register_forward_hook(self._hook(b, stop=(b == last)))
                    for b in sorted(set(self.blocks))]
+        skip_bytes = []
+        handles += [block.register_forward_hook(lambda m, i, out: skip_bytes.append(out.numel() * out.element_size()))
+                    for block in self.model.input_blocks]
         try:
             self.model(x_t, t)  # the raw integer timestep, as the official feature extractor passes it
         except _StopForward:
@@ -63,7 +75,11 @@ class DDPMFeatureExtractor:
         finally:
             for handle in handles:
                 handle.remove()
-        return [self._activations[b][i].float() for i in range(len(self.steps)) for b in self.blocks]
+        # The skips the decoder holds, twice over for the blocks' working tensors: what one more image costs.
+        self.bytes_per_image = 2 * sum(skip_bytes) // num_images
+        maps = [self._activations[b].unflatten(0, (num_images, num_steps))[:, i]
+                for i in range(num_steps) for b in self.blocks]
+        return batch_result(image, maps)
 
 
 def shared_noise(seed: int, image_size, device) -> torch.Tensor:
@@ -72,14 +88,17 @@ def shared_noise(seed: int, image_size, device) -> torch.Tensor:
 
 
 @register("ddpm")
-def build_ddpm(cfg, model_flags, device, seed, random_init):
-    # Features come from the full noising process whatever respacing a sampler may use.
-    flags = {**model_and_diffusion_defaults(), **model_flags, "image_size": cfg["dim"][0], "timestep_respacing": ""}
+def build_ddpm(cfg, model_flags, device, seed, random_init, dtype):
+    # Features come from the full noising process whatever respacing a sampler may use. The body's dtype
+    # is set below from `dtype`, which already follows use_fp16 on CUDA under --extract_dtype auto.
+    flags = {**model_and_diffusion_defaults(), **model_flags, "image_size": cfg["dim"][0], "timestep_respacing": "",
+             "use_fp16": False}
     if random_init:
         torch.manual_seed(seed)
         model, diffusion = create_model_and_diffusion(**flags)
         model.to(device).eval()
     else:
         model, diffusion = load_ddpm(cfg["model_path"], flags, device)
+    model.convert_body(dtype)
     noise = shared_noise(seed, cfg["dim"][:2], device) if cfg["share_noise"] else None
     return DDPMFeatureExtractor(model, diffusion, cfg["steps"], cfg["blocks"], cfg["input_activations"], noise)

@@ -330,14 +330,15 @@ def shared_noise(seed: int, draws: int, shape, device) -> torch.Tensor:
 
 
 @register("diffusers")
-def build_diffusers(cfg, model_flags, device, seed, random_init):
+def build_diffusers(cfg, model_flags, device, seed, random_init, dtype):
     if cfg["input_activations"]:
         raise ValueError("input_activations is not supported for model_type 'diffusers': name the module "
                          "before it in blocks instead")
-    dtype_name = cfg.get("dtype", "float32")
+    # The config's own "dtype" pins this experiment's precision; without it, --extract_dtype decides.
+    dtype = DTYPES[cfg["dtype"]] if "dtype" in cfg else dtype
     folder = resolve_model_folder(cfg["model_path"])
-    parts = load_components(folder, DTYPES[dtype_name], random_init, seed)
-    if "vae" in parts and DTYPES[dtype_name] == torch.float16 and getattr(parts["vae"].config, "force_upcast", False):
+    parts = load_components(folder, dtype, random_init, seed)
+    if "vae" in parts and dtype == torch.float16 and getattr(parts["vae"].config, "force_upcast", False):
         parts["vae"].to(torch.float32)  # SDXL's VAE overflows in float16, as its pipeline knows
     for part in parts.values():
         if isinstance(part, torch.nn.Module):

@@ -15,7 +15,7 @@ from torch import nn
 
 from guided_diffusion.checkpoint import load_state_dict_strict, read_state_dict
 
-from . import image_tensor, register
+from . import batch_result, image_tensor, register
 
 # The paper's encoder (models_mae.mae_vit_large_patch8 at 256x256). img_size follows the config's dim.
 ARCHITECTURE = dict(patch_size=8, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0)
@@ -59,15 +59,16 @@ class MAEFeatureExtractor:
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> list:
-        """uint8 [H, W, 3] -> one [embed_dim, H / patch, W / patch] map per block (class token dropped)."""
-        x = image_tensor(image, self.device, "imagenet")
+        """uint8 [H, W, 3] -> one [embed_dim, H / patch, W / patch] map per block (class token dropped);
+        [N, H, W, 3] -> the same maps with a leading batch dimension."""
+        x = image_tensor(image, self.device, "imagenet").to(self.encoder.cls_token.dtype)
         maps = self.encoder.forward_intermediates(x, indices=self.block_indices,
                                                   output_fmt="NCHW", intermediates_only=True, stop_early=True)
-        return [m[0].float() for m in maps]
+        return batch_result(image, maps)
 
 
 @register("mae")
-def build_mae(cfg, model_flags, device, seed, random_init):
+def build_mae(cfg, model_flags, device, seed, random_init, dtype):
     image_size = tuple(cfg["dim"][:2])
     patch = ARCHITECTURE["patch_size"]
     if image_size[0] % patch or image_size[1] % patch:
@@ -80,5 +81,6 @@ def build_mae(cfg, model_flags, device, seed, random_init):
         # The position embeddings fix the image size: a checkpoint pre-trained at another size fails here
         # with a pos_embed shape mismatch.
         load_state_dict_strict(encoder, read_mae_encoder_state_dict(cfg["model_path"]), cfg["model_path"], hints=None)
-    encoder.to(device).eval()
+    # Every weight in `dtype`: timm's LayerNorm and softmax accumulate in float32 for bf16/fp16 inputs.
+    encoder.to(device, dtype).eval()
     return MAEFeatureExtractor(encoder, NUM_FEATURE_BLOCKS, cfg["input_activations"])

@@ -2,14 +2,15 @@
 
 import numpy as np
 
-from . import image_tensor, register
+from . import batch_result, image_tensor, register
 
 
 def pixel_features(image: np.ndarray) -> list:
-    """uint8 [H, W, 3] -> one map [3, H, W] scaled to [-1, 1]."""
-    return [image_tensor(image, "cpu", "symmetric")[0]]
+    """uint8 [H, W, 3] -> one map [3, H, W] scaled to [-1, 1] ([N, H, W, 3] -> [N, 3, H, W])."""
+    return batch_result(image, [image_tensor(image, "cpu", "symmetric")])
 
 
 @register("pixels")
-def build_pixels(cfg, model_flags, device, seed, random_init):
+def build_pixels(cfg, model_flags, device, seed, random_init, dtype):
+    # No network to run: the colours are exact in float32 whatever `dtype`.
     return pixel_features

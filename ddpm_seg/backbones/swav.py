@@ -13,7 +13,7 @@ from torchvision.models.resnet import Bottleneck
 
 from guided_diffusion.checkpoint import CheckpointError, load_state_dict_strict, read_state_dict
 
-from . import image_tensor, register
+from . import batch_result, image_tensor, register
 
 # model_type -> SwAVResNet50 arguments of the released backbones.
 ARCHITECTURES = {"swav": dict(widen=1), "swav_w2": dict(widen=2)}
@@ -109,18 +109,20 @@ class SwAVFeatureExtractor:
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> list:
-        """uint8 [H, W, 3] -> maps [C, h, w] (float32) at strides 4, 4, 4, 8, 8, 16, 16, 16, 32."""
-        x = image_tensor(image, self.device, "imagenet")
-        return [a[0].float() for a in self.model(x, self.input_activations)]
+        """uint8 [H, W, 3] -> maps [C, h, w] (float32) at strides 4, 4, 4, 8, 8, 16, 16, 16, 32;
+        [N, H, W, 3] -> the same maps with a leading batch dimension."""
+        x = image_tensor(image, self.device, "imagenet").to(self.model.conv1.weight.dtype)
+        return batch_result(image, self.model(x, self.input_activations))
 
 
 @register("swav")
 @register("swav_w2")
-def build_swav(cfg, model_flags, device, seed, random_init):
+def build_swav(cfg, model_flags, device, seed, random_init, dtype):
     if random_init:
         torch.manual_seed(seed)
     model = SwAVResNet50(**ARCHITECTURES[cfg["model_type"]])
     if not random_init:
         load_swav(model, cfg["model_path"])
-    model.to(device).eval()
+    # Batch norm in eval mode is an affine map: bf16/fp16 weights throughout are fine.
+    model.to(device, dtype).eval()
     return SwAVFeatureExtractor(model, cfg["input_activations"])
