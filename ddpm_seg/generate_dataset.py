@@ -283,7 +283,7 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
     with folder_lock(folder) if rank == 0 else contextlib.nullcontext():
         with on_interrupt(lambda: interrupted_note(folder, chunks)):
             return _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, size, rank,
-                             world_size)
+                             world_size, args.extract_batch, device)
 
 
 def interrupted_note(folder, chunks):
@@ -291,7 +291,8 @@ def interrupted_note(folder, chunks):
     return f"{done} of {len(chunks)} chunks saved in {folder}; run the same command again to resume"
 
 
-def _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, size, rank, world_size):
+def _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, size, rank, world_size, extract_batch,
+              device):
     check_settings(os.path.join(folder, INDEX_NAME), settings, write=rank == 0)
     if os.path.isfile(out_path):
         with np.load(out_path) as npz:
@@ -320,7 +321,7 @@ def _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, 
         images = sample_images(interpreter.extractor.model, diffusion, indices, opts["sample_seed"], size,
                                opts["use_ddim"], opts["clip_denoised"])
         # 1 until the extractor has seen an image and knows its memory per image.
-        interpreter.extract_batch = extract_batch_size(args.extract_batch, extractor.bytes_per_image, device)
+        interpreter.extract_batch = extract_batch_size(extract_batch, interpreter.extractor.bytes_per_image, device)
         labels, scores = label_images(interpreter, images, indices, opts["sample_seed"])
         save_chunk(chunk_path(folder, k), indices, images, labels, scores)
         bar.update(len(indices))

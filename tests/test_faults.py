@@ -91,13 +91,6 @@ def test_repeated_blocks_or_steps_are_refused_naming_the_config(experiment, tmp_
         load_experiment(path)
 
 
-def test_module_name_blocks_keep_their_order():
-    from ddpm_seg.config import _ascending
-    assert _ascending("c.json", "blocks", ["up.1", "up.0"]) == ["up.1", "up.0"]
-    with pytest.raises(ValueError, match="'up.0' more than once|up.0 more than once"):
-        _ascending("c.json", "blocks", ["up.0", "up.0"])
-
-
 # ---- 3. disk full ----
 
 def test_disk_store_on_a_full_tmpfs_is_one_line_not_a_bus_error(experiment, tmpfs):
