@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
-from .backbones import add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_dtype
+from .backbones import (add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_dtype,
+                        memory_per_image)
 from .backbones.ddpm import DDPMFeatureExtractor
 from .config import check_paths, load_experiment, resolve_model_flags
 from .data import load_split
@@ -122,7 +123,7 @@ def run_sweep(cfg, exp_path, model_flags, args):
     for t in steps:
         store_root = os.path.join(args.out, "features", f"step_{t}")
         first_maps = extractors[t](train_items[0].image)
-        batch = extract_batch_size(args.extract_batch, getattr(extractors[t], "bytes_per_image", None), device)
+        batch = extract_batch_size(args.extract_batch, memory_per_image(extractors[t]), device)
         store = extract_training_store(extractors[t], train_items, first_maps, args, store_root, batch)
         for k, b in enumerate(blocks):
             channels, h, w = store.map_shapes[k]
@@ -141,7 +142,7 @@ def run_sweep(cfg, exp_path, model_flags, args):
     matrices = {key: ConfusionMatrix(cfg["number_class"], cfg["ignore_label"]) for key in ensembles}
     bar = tqdm(total=len(test_items), desc="evaluate cells")
     # Extractors that do not estimate their memory per image (None) get the default batch.
-    sizes = [getattr(e, "bytes_per_image", None) for e in extractors.values()]
+    sizes = [memory_per_image(e) for e in extractors.values()]
     batch = extract_batch_size(args.extract_batch, None if None in sizes else max(sizes), device)
     for start in range(0, len(test_items), batch):
         chunk = test_items[start:start + batch]

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
 from .backbones import (add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_batches,
-                        extract_dtype)
+                        extract_dtype, memory_per_image)
 from .config import check_paths, run_dir
 from .data import load_split
 from .ensemble import MLPEnsemble, scaled_lr, train_ensemble
@@ -166,7 +166,7 @@ def run(cfg, exp_path, model_flags, args):
         atomic_write_json(os.path.join(folder, "model_flags.json"), model_flags)
 
         store_root = os.path.join(folder, "features")
-        extract_batch = extract_batch_size(args.extract_batch, getattr(extractor, "bytes_per_image", None), device)
+        extract_batch = extract_batch_size(args.extract_batch, memory_per_image(extractor), device)
         store = extract_training_store(extractor, train_items, first_maps, args, store_root, extract_batch)
         timings["extract_train_s"] = time.time() - start
         timings["extract_batch"] = extract_batch
@@ -188,7 +188,7 @@ def run(cfg, exp_path, model_flags, args):
         ensemble.load_member(member_path(folder, m), m)
 
     interpreter = Interpreter(cfg, extractor, ensemble.eval(),
-                              extract_batch_size(args.extract_batch, getattr(extractor, "bytes_per_image", None), device))
+                              extract_batch_size(args.extract_batch, memory_per_image(extractor), device))
     start = time.time()
     metrics = evaluate(interpreter, test_items, folder, pictures=not args.no_pictures)
     timings["evaluate_s"] = time.time() - start

@@ -5,7 +5,8 @@ callable mapping one uint8 image [H, W, 3] (numpy) to a list of activation maps 
 resolution, in the order the experiment's `dim[-1]` features are concatenated, and a batch of images
 [N, H, W, 3] to the same list with a leading batch dimension, [N, C, h, w]. Maps are float32 whatever
 `dtype` (a torch dtype) the backbone computes in. The feature store, the ensemble and the evaluation never
-look further than that list, so adding a backbone touches only its own file.
+look further than that list, so adding a backbone touches only its own file. An extractor may also carry
+`bytes_per_image`, its estimate of one image's working memory, which sizes the default extraction batch.
 """
 
 import numpy as np
@@ -75,6 +76,12 @@ def add_extraction_args(parser):
                         help="images per backbone forward (default: 1 on CPU; on CUDA as many as a quarter of the "
                              f"free memory holds, at most {MAX_EXTRACT_BATCH['cuda']})")
 
+
+
+def memory_per_image(extractor):
+    """An extractor's estimate of one image's working memory in bytes, if it makes one (the DDPM's, after its
+    first call); None otherwise."""
+    return getattr(extractor, "bytes_per_image", None)
 
 
 def extract_batch_size(requested, bytes_per_image, device) -> int:
