@@ -230,6 +230,13 @@ def _load_saved_state(checkpoint_dir, step, emas, opt):
     opt.load_state_dict(safe_load(saved["opt"], "optimizer checkpoint"))
 
 
+def _apply_hyperparameters(opt, opts):
+    """Set this run's --lr and --weight_decay: a loaded optimizer state carries the saved run's, and a resume with
+    another --lr would otherwise go on at the old one without a word."""
+    for group in opt.param_groups:
+        group["lr"], group["weight_decay"] = opts.lr, opts.weight_decay
+
+
 def _save(out_dir, step, model, emas, opt):
     """One checkpoint set, published model file last (see atomic_torch_save_set): a model{step}.pt on disk
     always has its EMA and optimizer files, and a save cut short leaves no file of the set."""
@@ -362,6 +369,7 @@ def _run(opts, rank, world_size, device):
     opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     if step:
         _load_saved_state(os.path.dirname(os.path.abspath(resume)), step, emas, opt)
+        _apply_hyperparameters(opt, opts)
     end_step = min([s for s in (opts.lr_anneal_steps, opts.max_steps) if s > 0], default=None)
 
     sampler = ShardedBatchSampler(len(dataset), opts.batch_size, opts.seed, rank, world_size, step)

@@ -88,6 +88,17 @@ def test_resume_follows_the_uninterrupted_run(images, tmp_path):
         train_ddpm({**common, "out_dir": str(tmp_path / "c"), "resume_checkpoint": middle})
 
 
+def test_resume_takes_this_runs_lr_not_the_saved_one(images, tmp_path):
+    common = {**TINY, "data_dir": images, "out_dir": str(tmp_path), "save_interval": 2}
+    train_ddpm({**common, "lr": 1e-3, "max_steps": 2})
+    # The saved optimizer state holds lr 1e-3; the rerun asks for 4e-4 and must train at it.
+    result = train_ddpm({**common, "lr": 4e-4, "weight_decay": 0.01, "max_steps": 4})
+    logged = [json.loads(line) for line in open(result["log"])]
+    assert [r["lr"] for r in logged] == [1e-3, 1e-3, 4e-4, 4e-4]
+    group = _sd(result["opt"])["param_groups"][0]
+    assert group["lr"] == 4e-4 and group["weight_decay"] == 0.01
+
+
 def test_microbatches_give_the_full_batch_update(images, tmp_path):
     common = {**TINY, "data_dir": images, "max_steps": 1}
     full = train_ddpm({**common, "out_dir": str(tmp_path / "full")})
