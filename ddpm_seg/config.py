@@ -37,12 +37,14 @@ EXPERIMENT_KEYS = {
     # Ours, for datasets outside the paper's six (their names come from the packaged class table).
     "class_names": (list, False),
     "palette": (list, False),  # flat [r0, g0, b0, r1, ...], one colour per class
+    # Diffusion backbones (ddpm, diffusers): average every map over K noise draws (default 1, the paper's).
+    "noise_draws": (int, False),
     # model_type "diffusers" only (ddpm_seg/backbones/hf_diffusion.py).
     "prompt": (str, False),
-    "noise_draws": (int, False),
     "dtype": (str, False),
 }
-DIFFUSERS_ONLY = ("prompt", "noise_draws", "dtype")
+DIFFUSERS_ONLY = ("prompt", "dtype")
+NOISE_BACKBONES = ("ddpm", "diffusers")
 DIFFUSERS_DTYPES = ("float32", "bfloat16", "float16")
 MAX_SUFFIX = 120
 
@@ -85,8 +87,6 @@ def _check_diffusers_keys(path, cfg):
     repeated = sorted({b for b in blocks if blocks.count(b) > 1})
     if repeated:
         raise ValueError(f"{path}: 'blocks' lists {repeated} more than once")
-    if cfg.get("noise_draws", 1) < 1:
-        raise ValueError(f"{path}: 'noise_draws' must be >= 1, got {cfg['noise_draws']}")
     if cfg.get("dtype", "float32") not in DIFFUSERS_DTYPES:
         raise ValueError(f"{path}: 'dtype' must be one of {list(DIFFUSERS_DTYPES)}, got {cfg['dtype']!r}")
 
@@ -113,6 +113,11 @@ def validate_experiment(cfg: dict, path: str = "<config>") -> dict:
         given = [k for k in DIFFUSERS_ONLY if k in cfg]
         if given:
             raise ValueError(f"{path}: {given} apply only to model_type 'diffusers', not {cfg['model_type']!r}")
+    if "noise_draws" in cfg and cfg["model_type"] not in NOISE_BACKBONES:
+        raise ValueError(f"{path}: 'noise_draws' applies only to model_type {list(NOISE_BACKBONES)}, "
+                         f"not {cfg['model_type']!r}")
+    if cfg.get("noise_draws", 1) < 1:
+        raise ValueError(f"{path}: 'noise_draws' must be >= 1, got {cfg['noise_draws']}")
     if min(cfg["dim"]) <= 0:
         raise ValueError(f"{path}: 'dim' entries must be positive, got {cfg['dim']}")
     for key in ("number_class", "model_num", "batch_size", "training_number", "testing_number"):
@@ -140,14 +145,16 @@ def load_experiment(path: str) -> dict:
 
 
 def experiment_suffix(cfg: dict) -> str:
-    """The original's folder suffix, e.g. 50_150_250_5_6_7_8_12 (empty for backbones without steps)."""
+    """The original's folder suffix, e.g. 50_150_250_5_6_7_8_12 (empty for backbones without steps), and
+    _draws<K> when features average K noise draws, so other features never share a folder."""
     if not cfg["steps"]:
         return ""
     suffix = "_".join(str(v) for v in cfg["steps"] + cfg["blocks"])
     if len(suffix) > MAX_SUFFIX:  # long module names: a folder name must stay well under 255 bytes
         digest = hashlib.sha1(json.dumps(cfg["blocks"]).encode()).hexdigest()[:12]
         suffix = "_".join(str(v) for v in cfg["steps"]) + f"_blocks-{digest}"
-    return suffix
+    draws = cfg.get("noise_draws", 1)
+    return suffix + (f"_draws{draws}" if draws > 1 else "")
 
 
 def run_dir(cfg: dict, seed: int, random_init: bool = False) -> str:

@@ -40,7 +40,7 @@ def _reference_features(model, diffusion, image, noise, input_activations=False)
 def test_features_equal_full_forward_and_upsampling(input_activations):
     model, diffusion = _model()
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    noise = shared_noise(7, (32, 32), torch.device("cpu"))
+    noise = shared_noise(7, 1, (32, 32), torch.device("cpu"))
     extractor = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, input_activations, noise)
     maps = extractor(image)
     assert len(maps) == len(STEPS) * len(BLOCKS)
@@ -63,8 +63,8 @@ def test_forward_stops_after_the_deepest_hooked_block():
 def test_shared_noise_is_seeded_and_fresh_noise_is_not():
     model, diffusion = _model()
     image = np.full((32, 32, 3), 128, dtype=np.uint8)
-    a = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, shared_noise(1, (32, 32), "cpu"))(image)
-    b = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, shared_noise(1, (32, 32), "cpu"))(image)
+    a = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, shared_noise(1, 1, (32, 32), "cpu"))(image)
+    b = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, shared_noise(1, 1, (32, 32), "cpu"))(image)
     c = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, None)(image)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.allclose(a[0], c[0])
@@ -76,3 +76,32 @@ def test_out_of_range_blocks_and_steps():
         DDPMFeatureExtractor(model, diffusion, STEPS, [1, 8], False, None)
     with pytest.raises(ValueError, match=r"steps \[100\] out of range: the diffusion has timesteps 0..99"):
         DDPMFeatureExtractor(model, diffusion, [5, 100], BLOCKS, False, None)
+
+
+def test_noise_draws_average_single_draws_and_draw_zero_is_the_original_noise():
+    model, diffusion = _model()
+    image = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    noise = shared_noise(5, 3, (32, 32), "cpu")
+    assert torch.equal(noise[:1], shared_noise(5, 1, (32, 32), "cpu"))  # noise_draws 1 keeps the paper's features
+    three = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, noise, noise_draws=3)(image)
+    singles = [DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, noise[k:k + 1])(image) for k in range(3)]
+    for i, fmap in enumerate(three):
+        mean = sum(s[i] for s in singles) / 3
+        assert torch.allclose(fmap, mean, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(fmap, singles[0][i], atol=1e-3)  # the other draws count
+    with pytest.raises(ValueError, match="shared noise holds 3 draws, noise_draws is 2"):
+        DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, noise, noise_draws=2)
+
+
+def test_noise_draws_in_config_and_run_folder():
+    from ddpm_seg.config import experiment_suffix, validate_experiment
+    cfg = dict(exp_dir="x", model_type="ddpm", category="demo", number_class=2, ignore_label=255,
+               training_path="a", testing_path="b", model_path="m", dim=[32, 32, 96], steps=[50], blocks=[1],
+               model_num=1, batch_size=64, training_number=1, testing_number=1, upsample_mode="bilinear",
+               share_noise=True, input_activations=False, class_names=["a", "b"])
+    assert experiment_suffix(validate_experiment(dict(cfg))) == "50_1"
+    assert experiment_suffix(validate_experiment(dict(cfg, noise_draws=4))) == "50_1_draws4"
+    with pytest.raises(ValueError, match="'noise_draws' must be >= 1, got 0"):
+        validate_experiment(dict(cfg, noise_draws=0))
+    with pytest.raises(ValueError, match=r"'noise_draws' applies only to model_type \['ddpm', 'diffusers'\], not 'mae'"):
+        validate_experiment(dict(cfg, model_type="mae", steps=[], blocks=[], noise_draws=2))

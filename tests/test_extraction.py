@@ -24,7 +24,7 @@ def _ddpm(dtype=torch.float32, share_noise=True):
     torch.manual_seed(0)
     model, diffusion = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **TINY})
     model.eval().convert_body(dtype)
-    noise = shared_noise(0, (32, 32), "cpu") if share_noise else None
+    noise = shared_noise(0, 1, (32, 32), "cpu") if share_noise else None
     return DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, noise=noise)
 
 

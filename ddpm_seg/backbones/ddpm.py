@@ -15,7 +15,7 @@ class _StopForward(Exception):
 
 
 class DDPMFeatureExtractor:
-    def __init__(self, model, diffusion, steps, blocks, input_activations=False, noise=None):
+    def __init__(self, model, diffusion, steps, blocks, input_activations=False, noise=None, noise_draws=1):
         num_blocks = len(model.output_blocks)
         bad_blocks = [b for b in blocks if not 0 <= b < num_blocks]
         if bad_blocks:
@@ -25,11 +25,16 @@ class DDPMFeatureExtractor:
             raise ValueError(f"steps {bad_steps} out of range: the diffusion has timesteps 0..{diffusion.num_timesteps - 1}")
         if not steps or not blocks:
             raise ValueError("a DDPM experiment needs at least one step and one block")
+        if noise_draws < 1:
+            raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
+        if noise is not None and len(noise) != noise_draws:
+            raise ValueError(f"shared noise holds {len(noise)} draws, noise_draws is {noise_draws}")
         self.model, self.diffusion = model, diffusion
         self.steps, self.blocks = list(steps), list(blocks)
         self.input_activations = input_activations
-        # One seeded noise for all images and steps (share_noise), made on the model's device as the original does.
-        self.noise = noise
+        # share_noise: draw k is one seeded noise [3, H, W] for all images and steps, made on the model's device as
+        # the original does; its first draw is the original's noise, so noise_draws 1 gives the original features.
+        self.noise, self.noise_draws = noise, noise_draws
         self.bytes_per_image = None  # known after the first call
         self._activations = {}
 
@@ -48,18 +53,29 @@ class DDPMFeatureExtractor:
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> list:
         """uint8 [H, W, 3] -> maps [C, h, w], or [N, H, W, 3] -> maps [N, C, h, w] (float32), step-major:
-        [t0: b0 b1 .. | t1: ...]. Every image and step of a call go through one truncated forward."""
+        [t0: b0 b1 .. | t1: ...], each the mean over noise_draws draws. Every image and step of a draw go
+        through one truncated forward."""
         x = image_tensor(image, self.device, "symmetric")
         num_images, num_steps = x.shape[0], len(self.steps)
         # Image-major: image i's steps are rows i*S .. i*S+S-1.
         x = x.repeat_interleave(num_steps, dim=0)
         t = torch.tensor(self.steps, device=self.device).repeat(num_images)
-        if self.noise is not None:
-            noise = self.noise.expand_as(x)  # share_noise: the same noise for every image and step
-        else:
-            # One draw per image, in image order: the draws N one-image calls would make.
-            noise = torch.cat([torch.randn_like(x[:num_steps]) for _ in range(num_images)])
-        x_t = self.diffusion.q_sample(x, t, noise=noise)
+        sums = None
+        for k in range(self.noise_draws):
+            if self.noise is not None:
+                noise = self.noise[k].expand_as(x)  # share_noise: the same noise for every image and step
+            else:
+                # One draw per image, in image order: the draws N one-image calls would make.
+                noise = torch.cat([torch.randn_like(x[:num_steps]) for _ in range(num_images)])
+            acts = self._forward(self.diffusion.q_sample(x, t, noise=noise), t, num_images)
+            sums = acts if sums is None else {b: sums[b].add_(a) for b, a in acts.items()}
+        maps = [sums[b].unflatten(0, (num_images, num_steps))[:, i] for i in range(num_steps) for b in self.blocks]
+        if self.noise_draws > 1:
+            maps = [m / self.noise_draws for m in maps]
+        return batch_result(image, maps)
+
+    def _forward(self, x_t, t, num_images) -> dict:
+        """{block: activation [N*S, C, h, w]} of one forward, stopped after the deepest block read."""
         self._activations.clear()
         # Hooks live only for this call, so the model stays usable as a plain UNet elsewhere.
         last = max(self.blocks)
@@ -77,14 +93,13 @@ class DDPMFeatureExtractor:
                 handle.remove()
         # The skips the decoder holds, twice over for the blocks' working tensors: what one more image costs.
         self.bytes_per_image = 2 * sum(skip_bytes) // num_images
-        maps = [self._activations[b].unflatten(0, (num_images, num_steps))[:, i]
-                for i in range(num_steps) for b in self.blocks]
-        return batch_result(image, maps)
+        return {b: self._activations[b].float() for b in set(self.blocks)}
 
 
-def shared_noise(seed: int, image_size, device) -> torch.Tensor:
+def shared_noise(seed: int, draws: int, image_size, device) -> torch.Tensor:
+    """[draws, 3, H, W] from one seeded generator: draw 0 is the original's single shared noise."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(1, 3, *image_size, generator=generator, device=device)
+    return torch.randn(draws, 3, *image_size, generator=generator, device=device)
 
 
 @register("ddpm")
@@ -100,5 +115,6 @@ def build_ddpm(cfg, model_flags, device, seed, random_init, dtype):
     else:
         model, diffusion = load_ddpm(cfg["model_path"], flags, device)
     model.convert_body(dtype)
-    noise = shared_noise(seed, cfg["dim"][:2], device) if cfg["share_noise"] else None
-    return DDPMFeatureExtractor(model, diffusion, cfg["steps"], cfg["blocks"], cfg["input_activations"], noise)
+    draws = cfg.get("noise_draws", 1)
+    noise = shared_noise(seed, draws, cfg["dim"][:2], device) if cfg["share_noise"] else None
+    return DDPMFeatureExtractor(model, diffusion, cfg["steps"], cfg["blocks"], cfg["input_activations"], noise, draws)
