@@ -8,8 +8,9 @@
    (and, with --backbones, MAE / SwAV at random initialisation);
 5. draw the test image of median IoU with the DDPM's and the raw-pixel baseline's predictions of it.
 
---curve instead scores the same interpreter on every EMA checkpoint a --retrain run saved in checkpoints/demo/:
-mIoU against the DDPM's training steps, as a table, curve.csv and curve.png.
+--curve instead scores the same interpreter on the EMA checkpoints a --retrain run saved in checkpoints/demo/ at
+200, 400, 800, ... steps and on its last one: mIoU against the DDPM's training steps, as a table, curve.json and
+curve.png.
 """
 
 import argparse
@@ -127,6 +128,14 @@ def saved_ema_steps(folder):
     return dict(sorted(found.items()))
 
 
+def curve_points(checkpoints):
+    """The checkpoints the curve scores: the first saved step doubled again and again (200, 400, 800, ...: even
+    points on the plot's log axis, and a few minutes each rather than one per saved checkpoint), and the last."""
+    steps = sorted(checkpoints)
+    keep = {steps[-1]} | {s for s in steps if s % steps[0] == 0 and (s // steps[0]) & (s // steps[0] - 1) == 0}
+    return {s: checkpoints[s] for s in steps if s in keep}
+
+
 def save_curve_picture(path, rows, baselines):
     """Line plot of mIoU % against training steps (log axis), with the baselines as horizontal lines."""
     width, height, left, right, top, bottom = 560, 320, 56, 16, 28, 40
@@ -170,6 +179,7 @@ def run_curve(cfg, flags, interpreter_args, root):
     if not checkpoints:
         raise FileNotFoundError(f"--curve: no ema_{SHIPPED_EMA_RATE}_<step>.pt in {ddpm_dir(root)}; "
                                 "train them first with `ddpm-seg demo --retrain`")
+    checkpoints = curve_points(checkpoints)
     rows = []
     for step, path in checkpoints.items():
         print(f"\n=== DDPM after {step} steps ===")
@@ -192,8 +202,8 @@ def main(argv=None):
                         help="train the demo DDPM here from scratch (the shipped one's recipe) instead of using "
                              "experiments/demo/demo_ddpm.pt")
     parser.add_argument("--curve", action="store_true",
-                        help="score the interpreter on every EMA checkpoint of a --retrain run (mIoU against "
-                             "training steps) instead of running the demo")
+                        help="score the interpreter on the EMA checkpoints of a --retrain run at 200, 400, 800, ... "
+                             "steps and the last (mIoU against training steps) instead of running the demo")
     parser.add_argument("--small", action="store_true", help="toy sizes (used by the tests)")
     args = parser.parse_args(argv)
     backbones = [b for b in args.backbones.split(",") if b]

@@ -113,3 +113,13 @@ def test_extra_backbones_fit_the_demo_images():
         maps = create_feature_extractor(run_cfg, {}, torch.device("cpu"), random_init=True)(image)
         assert sum(m.shape[0] for m in maps) == run_cfg["dim"][-1]
     assert configs["mae"]["dim"][-1] == 12 * 1024 and not configs["mae"]["input_activations"]
+
+
+def test_curve_scores_doubling_steps_and_the_last():
+    from ddpm_seg.demo import curve_points
+
+    saved = {s: f"ema_{s}.pt" for s in range(200, 10401, 200)}
+    assert list(curve_points(saved)) == [200, 400, 800, 1600, 3200, 6400, 10400]
+    assert curve_points(saved)[6400] == "ema_6400.pt"
+    assert list(curve_points({300: "a", 600: "b", 900: "c"})) == [300, 600, 900]
+    assert list(curve_points({5: "a"})) == [5]
