@@ -6,6 +6,7 @@ One run = one seed, in <exp_dir>/<steps_blocks>/seed_<seed>/. Members already sa
 so a stopped run resumes with the members it has not saved yet.
 """
 
+import json
 import os
 import shutil
 import time
@@ -22,9 +23,9 @@ from .config import check_paths, run_dir
 from .data import load_split
 from .ensemble import MLPEnsemble, scaled_lr, train_ensemble
 from .feature_store import FeatureStore, PixelSampler
-from .interpreter import Interpreter, evaluate, member_path
+from .interpreter import SETTINGS_NAME, Interpreter, evaluate, member_path
 from .utils import (atomic_write_json, available_memory_bytes, check_settings, check_writable, fast_bf16,
-                    resolve_device, seed_everything)
+                    read_json_object, resolve_device, seed_everything)
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -124,6 +125,40 @@ def interrupted_note(cfg, folder):
             "run the same command again to resume")
 
 
+# What makes a member's input features: a finished folder is only evaluated with the same (paths, the data and
+# the training recipe may differ: evaluating elsewhere, or members made by the original code).
+FEATURE_KEYS = ("model_type", "dim", "steps", "blocks", "share_noise", "input_activations", "upsample_mode",
+                "number_class", "model_num", "noise_draws", "prompt")
+
+
+def architecture(model_flags):
+    """The model flags that shape the features: not use_fp16 (a device choice) or timestep_respacing (a sampler's;
+    features always use the full noising process)."""
+    return {k: v for k, v in model_flags.items() if k not in ("use_fp16", "timestep_respacing")}
+
+
+def check_finished_folder(path, cfg, model_flags, args, extract_dtype_name):
+    """Members all present: refuse to evaluate them with other features than they were trained on, and give a
+    folder of released members (which has no settings.json) one, so Interpreter.load and predict can read it."""
+    identity = {"features": {k: cfg.get(k) for k in FEATURE_KEYS}, "model_flags": architecture(model_flags),
+                "seed": args.seed, "random_init": args.random_init}
+    if os.path.isfile(path):
+        saved = read_json_object(path, "run settings")
+        saved_identity = {"features": {k: saved.get("config", {}).get(k) for k in FEATURE_KEYS},
+                          "model_flags": architecture(saved.get("model_flags") or {}),
+                          **{k: saved.get(k) for k in ("seed", "random_init")}}
+        now = json.loads(json.dumps(identity))
+        differ = sorted(k for k in now if saved_identity[k] != now[k])
+        if differ:
+            raise ValueError(f"{path}: the members beside it were trained with other {', '.join(differ)} "
+                             f"({ {k: saved_identity[k] for k in differ} } vs now { {k: now[k] for k in differ} }); "
+                             "use the settings they were made with, or another --run_dir")
+        return
+    check_writable(os.path.dirname(path))
+    atomic_write_json(path, {"config": cfg, "model_flags": model_flags, "seed": args.seed,
+                             "random_init": args.random_init, "extract_dtype": extract_dtype_name})
+
+
 def run(cfg, exp_path, model_flags, args):
     """Train what is missing, then evaluate; returns the metrics dict also written to metrics.json."""
     seed_everything(args.seed)
@@ -148,6 +183,8 @@ def run(cfg, exp_path, model_flags, args):
     todo = [m for m in range(cfg["model_num"]) if not os.path.exists(member_path(folder, m))]
     if args.eval_only and todo:
         raise FileNotFoundError(f"--eval_only: {folder} lacks {[os.path.basename(member_path(folder, m)) for m in todo]}")
+    if not todo:
+        check_finished_folder(os.path.join(folder, SETTINGS_NAME), cfg, model_flags, args, extract_dtype_name)
     ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=args.seed).to(device)
     timings = {}
     if todo:
@@ -158,7 +195,7 @@ def run(cfg, exp_path, model_flags, args):
         sampler = training_sampler(cfg, train_items)  # refuses labels with fewer than 2 labelled pixels
         os.makedirs(folder, exist_ok=True)
         # Members and the feature cache are only resumed with the settings that made them.
-        check_settings(os.path.join(folder, "settings.json"),
+        check_settings(os.path.join(folder, SETTINGS_NAME),
                        {"config": cfg, "model_flags": model_flags, "seed": args.seed, "random_init": args.random_init,
                         "store_dtype": store_dtype_name(args), "autocast": args.autocast,
                         "batch_size": batch_size, "lr": lr, "extract_dtype": extract_dtype_name}, write=True)

@@ -96,6 +96,37 @@ def test_seeds_and_eval_only(experiment, capsys):
         _run(path, "--eval_only", "--run_dir", os.path.join(base, "elsewhere"))
 
 
+def test_released_members_get_settings_and_a_finished_folder_refuses_other_features(experiment):
+    import shutil
+
+    from ddpm_seg.interpreter import Interpreter
+
+    path, cfg = experiment
+    _run(path, "--no_pictures")
+    trained = os.path.join(cfg["exp_dir"], "10_30_2_5", "seed_0")
+    # Members alone, as the released pixel classifiers come: evaluated with --eval_only, the folder then loads
+    # in Interpreter.load (and so in predict) and segments as the evaluation did.
+    released = os.path.join(cfg["exp_dir"], "released")
+    os.makedirs(released)
+    for m in range(3):
+        shutil.copy(os.path.join(trained, f"model_{m}.pth"), released)
+    _run(path, "--eval_only", "--run_dir", released, "--no_pictures")
+    settings = json.load(open(os.path.join(released, "settings.json")))
+    assert settings["config"]["steps"] == [10, 30] and settings["seed"] == 0 and settings["random_init"] is False
+    interp = Interpreter.load(released, device="cpu")
+    image = np.array(Image.open(os.path.join(cfg["testing_path"], "000.png")).convert("RGB"))
+    labels, _, _ = interp(image)
+    assert np.array_equal(labels, np.load(os.path.join(released, "predictions", "000.npy")))
+    # The same members evaluated with other features (another seed's noise, another UNet) are refused,
+    # in the trained folder and in the released one alike.
+    for folder in (trained, released):
+        with pytest.raises(ValueError, match=r"trained with other seed"):
+            _run(path, "--eval_only", "--run_dir", folder, "--seed", "3", "--no_pictures")
+    path.write_text(json.dumps(dict(cfg, share_noise=False)))
+    with pytest.raises(ValueError, match=r"trained with other features .*'share_noise': True"):
+        _run(path, "--run_dir", trained, "--no_pictures")
+
+
 def test_console_script_reports_bad_input_in_one_line(experiment, tmp_path):
     import subprocess
     import sys
