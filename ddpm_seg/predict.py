@@ -14,13 +14,19 @@ mirroring each image's path below its input folder (or glob base):
                                pixel share of each class
     suggest.txt, suggest.png   with --suggest K: the K images with the highest uncertainty score, most
                                uncertain first (what to label next), and a contact sheet of them
+    .predict_journal.jsonl     what is done: the model and options, then one line per image written
 An unreadable input is named and skipped; the exit status is then 1, after all others are done.
+
+A stopped run resumes: run the same command again and the images the journal lists, whose outputs are still
+there, are not segmented again (their rows come from the journal); so does a run over a folder that has grown.
+Another model (a retrained run folder, another checkpoint) or other output options start afresh.
 """
 
 import argparse
 import csv
 import glob
 import heapq
+import json
 import os
 import time
 
@@ -35,6 +41,7 @@ from .utils import atomic_path, atomic_save_npy, resolve_device
 from .visualize import heatmap, save_contact_sheet, save_overlay_picture
 
 SUGGEST_THUMBNAIL = 128  # pixels, the longer side of a contact-sheet thumbnail
+JOURNAL_NAME = ".predict_journal.jsonl"
 
 
 def add_args(parser):
@@ -148,6 +155,57 @@ def write_csv(path, rows, class_names) -> None:
                             + [f"{share:.6f}" for share in row["shares"]])
 
 
+def file_stamp(path) -> list:
+    stat = os.stat(path)
+    return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns]
+
+
+def run_header(args) -> dict:
+    """What the outputs depend on: the model's files (path, size, modification time) and the output options."""
+    if args.deeplab:
+        files = [args.deeplab] + ([args.exp] if args.exp else [])
+    else:
+        files = sorted(os.path.join(args.run_dir, f) for f in os.listdir(args.run_dir)
+                       if f == "settings.json" or (f.startswith("model_") and f.endswith(".pth")))
+        files += [args.model_path] if args.model_path else []
+    return {"model": [file_stamp(f) for f in files], "format": args.format, "overlay": args.overlay,
+            "uncertainty": args.uncertainty}
+
+
+def read_journal(path, header) -> dict:
+    """{(image path, stem): row} of a journal written with the same header; {} when there is none or it
+    belongs to another model or options. A last line cut short by a kill is ignored."""
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        return {}
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    if not records or records[0] != json.loads(json.dumps(header)):
+        return {}
+    return {(r["image"], r["stem"]): r for r in records[1:]}
+
+
+def outputs_present(base, args) -> bool:
+    names = {"png": [".png"], "npy": [".npy"], "both": [".png", ".npy"]}[args.format]
+    names += ["_overlay.png"] if args.overlay else []
+    names += ["_uncertainty.npy", "_uncertainty.png"] if args.uncertainty else []
+    return all(os.path.isfile(base + n) for n in names)
+
+
+def read_labels(base, args) -> np.ndarray:
+    """The class ids an earlier run wrote for `base` (its .npy, or the palette PNG's indices)."""
+    if args.format in ("npy", "both"):
+        return np.load(base + ".npy")
+    with Image.open(base + ".png") as mask:
+        return np.asarray(mask)
+
+
 def predict(args) -> dict:
     """Segment every input; returns {"rows": per image (input order), "failed": [(path, reason)],
     "suggested": [paths], "seconds", "images_per_s"}."""
@@ -163,30 +221,53 @@ def predict(args) -> dict:
     else:
         segmenter = Interpreter.load(args.run_dir, args.model_path, args.device)
         segmenter.extract_batch = args.batch_size  # one backbone forward per batch of inputs
-    rows, failed, top = [], [], []  # top: heap of the --suggest most uncertain (score, -index, ...)
+    os.makedirs(args.out, exist_ok=True)
+    journal_path, header = os.path.join(args.out, JOURNAL_NAME), run_header(args)
+    done = read_journal(journal_path, header)
+    if not done:
+        with atomic_path(journal_path) as tmp, open(tmp, "w") as f:
+            f.write(json.dumps(header) + "\n")
+    todo = [(i, path, stem) for i, (path, stem) in enumerate(inputs)
+            if (path, stem) not in done or not outputs_present(os.path.join(args.out, stem), args)]
+    rows = {i: done[(path, stem)] for i, (path, stem) in enumerate(inputs) if i not in {t[0] for t in todo}}
+    if rows:
+        print(f"{len(rows)} of {len(inputs)} images were segmented by an earlier run with this model and options "
+              f"(listed in {journal_path}); segmenting the other {len(todo)}")
+    failed = []
     start = time.time()
-    bar = tqdm(total=len(inputs), unit="img", desc="predict", dynamic_ncols=True)
-    for begin in range(0, len(inputs), args.batch_size):
-        batch = []
-        for path, stem in inputs[begin:begin + args.batch_size]:
-            try:
-                batch.append((path, stem, read_image(path)))
-            except ValueError as e:
-                failed.append((path, str(e)))
-                tqdm.write(f"skipped {path}: {e}")
+    bar = tqdm(total=len(todo), unit="img", desc="predict", dynamic_ncols=True)
+    with open(journal_path, "a") as journal:
+        for begin in range(0, len(todo), args.batch_size):
+            batch = []
+            for i, path, stem in todo[begin:begin + args.batch_size]:
+                try:
+                    batch.append((i, path, stem, read_image(path)))
+                except ValueError as e:
+                    failed.append((path, str(e)))
+                    tqdm.write(f"skipped {path}: {e}")
+                    bar.update(1)
+            results = segmenter.segment([image for _, _, _, image in batch]) if batch else []
+            for (i, path, stem, image), (labels, unc, score) in zip(batch, results):
+                write_outputs(os.path.join(args.out, stem), image, labels, unc, segmenter, args)
+                shares = np.bincount(labels.ravel(), minlength=segmenter.number_class)[:segmenter.number_class]
+                rows[i] = {"image": path, "stem": stem, "width": image.shape[1], "height": image.shape[0],
+                           "score": score, "shares": (shares / labels.size).tolist()}
+                # Written after the image's outputs: a listed image is complete.
+                journal.write(json.dumps(rows[i]) + "\n")
+                journal.flush()
                 bar.update(1)
-        results = segmenter.segment([image for _, _, image in batch]) if batch else []
-        for (path, stem, image), (labels, unc, score) in zip(batch, results):
-            write_outputs(os.path.join(args.out, stem), image, labels, unc, segmenter, args)
-            shares = np.bincount(labels.ravel(), minlength=segmenter.number_class)[:segmenter.number_class] / labels.size
-            rows.append({"image": path, "width": image.shape[1], "height": image.shape[0], "score": score,
-                         "shares": shares.tolist()})
-            if args.suggest:
-                entry = (score, -len(rows), path, thumbnail(image, Image.BILINEAR), thumbnail(labels, Image.NEAREST))
-                (heapq.heappush if len(top) < args.suggest else heapq.heappushpop)(top, entry)
-            bar.update(1)
     bar.close()
     seconds = time.time() - start
+    segmented = len(todo) - len(failed)
+    rows = [rows[i] for i in sorted(rows)]  # input order
+    top = []  # heap of the --suggest most uncertain: (score, -index, path, image, labels thumbnails)
+    for i, row in enumerate(rows if args.suggest else []):
+        entry = (row["score"], -i, row["image"])
+        if len(top) < args.suggest or entry[:2] > top[0][:2]:
+            base = os.path.join(args.out, row["stem"])
+            entry += (thumbnail(read_image(row["image"]), Image.BILINEAR),
+                      thumbnail(read_labels(base, args), Image.NEAREST))
+            (heapq.heappush if len(top) < args.suggest else heapq.heappushpop)(top, entry)
     write_csv(os.path.join(args.out, "predictions.csv"), rows, segmenter.class_names)
     suggested = sorted(top, reverse=True)  # highest score first; among equal scores, input order
     if args.suggest:
@@ -196,8 +277,8 @@ def predict(args) -> dict:
                            [(f"{i + 1}. {score:.4f} {os.path.basename(path)}", image, labels)
                             for i, (score, _, path, image, labels) in enumerate(suggested)],
                            segmenter.palette, segmenter.class_names, side=SUGGEST_THUMBNAIL)
-    rate = len(rows) / seconds if rows and seconds > 0 else None
-    print(f"{len(rows)} images segmented in {seconds:.1f} s" + (f": {rate:.3f} images/s" if rate else "")
+    rate = segmented / seconds if segmented and seconds > 0 else None
+    print(f"{segmented} images segmented in {seconds:.1f} s" + (f": {rate:.3f} images/s" if rate else "")
           + f"; outputs in {args.out}")
     for path, reason in failed:
         print(f"failed: {path}: {reason}")

@@ -119,6 +119,42 @@ def test_suggest_lists_the_most_uncertain_first(trained, tmp_path):
         predict(run, [tmp_path / "train" / "000.png"], tmp_path)
 
 
+def test_a_stopped_predict_resumes_with_the_images_not_yet_written(trained, tmp_path, monkeypatch):
+    _, cfg, run = trained
+    inputs = [os.path.join(os.path.dirname(cfg["training_path"]), "*", "*.png")]
+    assert predict(run, inputs, tmp_path / "whole", "--suggest", "3", "--uncertainty") == 0
+    segmented, stop_at = [], [4]
+    original = interpreter_module.Interpreter.segment
+
+    def segment_then_stop(self, images):
+        if len(segmented) == stop_at[0]:
+            raise KeyboardInterrupt
+        segmented.extend(images)
+        return original(self, images)
+
+    monkeypatch.setattr(interpreter_module.Interpreter, "segment", segment_then_stop)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        predict(run, inputs, out, "--suggest", "3", "--uncertainty")
+    assert len(segmented) == 4
+    stop_at[0] = None
+    # The rerun segments only the 3 images the stopped run did not write (and one whose outputs were deleted).
+    os.remove(out / "test" / "001_overlay.png")
+    segmented.clear()
+    assert predict(run, inputs, out, "--suggest", "3", "--uncertainty") == 0
+    assert len(segmented) == 4
+    assert read_csv(out / "predictions.csv") == read_csv(tmp_path / "whole" / "predictions.csv")
+    assert (out / "suggest.txt").read_text() == (tmp_path / "whole" / "suggest.txt").read_text()
+    for mask in (tmp_path / "whole").glob("**/*.png"):
+        assert np.array_equal(np.asarray(Image.open(mask)), np.asarray(Image.open(out / mask.relative_to(tmp_path / "whole"))))
+    # Done: nothing is segmented again; other output options (or another model) start afresh.
+    segmented.clear()
+    assert predict(run, inputs, out, "--suggest", "3", "--uncertainty") == 0
+    assert segmented == []
+    assert predict(run, inputs, out, "--suggest", "3") == 0
+    assert len(segmented) == 7
+
+
 def test_large_images_are_voted_band_by_band_as_one_upsampling(monkeypatch):
     torch.manual_seed(0)
     logits = torch.randn(3, 4, 7, 9)
