@@ -227,9 +227,9 @@ def predict(args) -> dict:
     if not done:
         with atomic_path(journal_path) as tmp, open(tmp, "w") as f:
             f.write(json.dumps(header) + "\n")
-    todo = [(i, path, stem) for i, (path, stem) in enumerate(inputs)
-            if (path, stem) not in done or not outputs_present(os.path.join(args.out, stem), args)]
-    rows = {i: done[(path, stem)] for i, (path, stem) in enumerate(inputs) if i not in {t[0] for t in todo}}
+    rows = {i: done[(path, stem)] for i, (path, stem) in enumerate(inputs)
+            if (path, stem) in done and outputs_present(os.path.join(args.out, stem), args)}
+    todo = [(i, path, stem) for i, (path, stem) in enumerate(inputs) if i not in rows]
     if rows:
         print(f"{len(rows)} of {len(inputs)} images were segmented by an earlier run with this model and options "
               f"(listed in {journal_path}); segmenting the other {len(todo)}")

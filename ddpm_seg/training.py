@@ -131,32 +131,31 @@ FEATURE_KEYS = ("model_type", "dim", "steps", "blocks", "share_noise", "input_ac
                 "number_class", "model_num", "noise_draws", "prompt")
 
 
-def architecture(model_flags):
-    """The model flags that shape the features: not use_fp16 (a device choice) or timestep_respacing (a sampler's;
-    features always use the full noising process)."""
-    return {k: v for k, v in model_flags.items() if k not in ("use_fp16", "timestep_respacing")}
+def identity(settings):
+    """What of a run folder's settings makes its members' input features: the config's FEATURE_KEYS, the model
+    flags but use_fp16 (a device choice) and timestep_respacing (a sampler's; features always use the full
+    noising process), the seed (the shared noise) and random_init."""
+    flags = settings.get("model_flags") or {}
+    return {"features": {k: (settings.get("config") or {}).get(k) for k in FEATURE_KEYS},
+            "model_flags": {k: v for k, v in flags.items() if k not in ("use_fp16", "timestep_respacing")},
+            "seed": settings.get("seed"), "random_init": settings.get("random_init")}
 
 
 def check_finished_folder(path, cfg, model_flags, args, extract_dtype_name):
     """Members all present: refuse to evaluate them with other features than they were trained on, and give a
     folder of released members (which has no settings.json) one, so Interpreter.load and predict can read it."""
-    identity = {"features": {k: cfg.get(k) for k in FEATURE_KEYS}, "model_flags": architecture(model_flags),
-                "seed": args.seed, "random_init": args.random_init}
-    if os.path.isfile(path):
-        saved = read_json_object(path, "run settings")
-        saved_identity = {"features": {k: saved.get("config", {}).get(k) for k in FEATURE_KEYS},
-                          "model_flags": architecture(saved.get("model_flags") or {}),
-                          **{k: saved.get(k) for k in ("seed", "random_init")}}
-        now = json.loads(json.dumps(identity))
-        differ = sorted(k for k in now if saved_identity[k] != now[k])
-        if differ:
-            raise ValueError(f"{path}: the members beside it were trained with other {', '.join(differ)} "
-                             f"({ {k: saved_identity[k] for k in differ} } vs now { {k: now[k] for k in differ} }); "
-                             "use the settings they were made with, or another --run_dir")
+    settings = {"config": cfg, "model_flags": model_flags, "seed": args.seed, "random_init": args.random_init,
+                "extract_dtype": extract_dtype_name}
+    if not os.path.isfile(path):
+        check_writable(os.path.dirname(path))
+        atomic_write_json(path, settings)
         return
-    check_writable(os.path.dirname(path))
-    atomic_write_json(path, {"config": cfg, "model_flags": model_flags, "seed": args.seed,
-                             "random_init": args.random_init, "extract_dtype": extract_dtype_name})
+    saved, now = identity(read_json_object(path, "run settings")), identity(json.loads(json.dumps(settings)))
+    differ = sorted(k for k in now if saved[k] != now[k])
+    if differ:
+        raise ValueError(f"{path}: the members beside it were trained with other {', '.join(differ)} "
+                         f"({ {k: saved[k] for k in differ} } vs now { {k: now[k] for k in differ} }); "
+                         "use the settings they were made with, or another --run_dir")
 
 
 def run(cfg, exp_path, model_flags, args):

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm_seg.backbones.ddpm import DDPMFeatureExtractor, shared_noise
+from ddpm_seg.backbones import shared_noise
+from ddpm_seg.backbones.ddpm import DDPMFeatureExtractor
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16", num_head_channels=16,
@@ -40,7 +41,7 @@ def _reference_features(model, diffusion, image, noise, input_activations=False)
 def test_features_equal_full_forward_and_upsampling(input_activations):
     model, diffusion = _model()
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    noise = shared_noise(7, 1, (32, 32), torch.device("cpu"))
+    noise = shared_noise(7, 1, (3, 32, 32), torch.device("cpu"))
     extractor = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, input_activations, noise)
     maps = extractor(image)
     assert len(maps) == len(STEPS) * len(BLOCKS)
@@ -63,8 +64,8 @@ def test_forward_stops_after_the_deepest_hooked_block():
 def test_shared_noise_is_seeded_and_fresh_noise_is_not():
     model, diffusion = _model()
     image = np.full((32, 32, 3), 128, dtype=np.uint8)
-    a = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, shared_noise(1, 1, (32, 32), "cpu"))(image)
-    b = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, shared_noise(1, 1, (32, 32), "cpu"))(image)
+    a = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, shared_noise(1, 1, (3, 32, 32), "cpu"))(image)
+    b = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, shared_noise(1, 1, (3, 32, 32), "cpu"))(image)
     c = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, None)(image)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.allclose(a[0], c[0])
@@ -81,8 +82,8 @@ def test_out_of_range_blocks_and_steps():
 def test_noise_draws_average_single_draws_and_draw_zero_is_the_original_noise():
     model, diffusion = _model()
     image = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    noise = shared_noise(5, 3, (32, 32), "cpu")
-    assert torch.equal(noise[:1], shared_noise(5, 1, (32, 32), "cpu"))  # noise_draws 1 keeps the paper's features
+    noise = shared_noise(5, 3, (3, 32, 32), "cpu")
+    assert torch.equal(noise[:1], shared_noise(5, 1, (3, 32, 32), "cpu"))  # noise_draws 1 keeps the paper's features
     three = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, noise, noise_draws=3)(image)
     singles = [DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, noise[k:k + 1])(image) for k in range(3)]
     for i, fmap in enumerate(three):

@@ -6,7 +6,8 @@ import torch
 
 from ddpm_seg import backbones
 from ddpm_seg.backbones import (create_feature_extractor, extract_batch_size, extract_dtype, image_tensor)
-from ddpm_seg.backbones.ddpm import DDPMFeatureExtractor, shared_noise
+from ddpm_seg.backbones import shared_noise
+from ddpm_seg.backbones.ddpm import DDPMFeatureExtractor
 from ddpm_seg.backbones.mae import MAEFeatureExtractor, create_mae_encoder
 from ddpm_seg.backbones.swav import SwAVFeatureExtractor, SwAVResNet50
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
@@ -24,7 +25,7 @@ def _ddpm(dtype=torch.float32, share_noise=True):
     torch.manual_seed(0)
     model, diffusion = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **TINY})
     model.eval().convert_body(dtype)
-    noise = shared_noise(0, 1, (32, 32), "cpu") if share_noise else None
+    noise = shared_noise(0, 1, (3, 32, 32), "cpu") if share_noise else None
     return DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, noise=noise)
 
 

@@ -52,6 +52,21 @@ def batch_result(image: np.ndarray, maps: list) -> list:
     return maps if np.ndim(image) == 4 else [m[0] for m in maps]
 
 
+def shared_noise(seed: int, draws: int, shape, device) -> torch.Tensor:
+    """share_noise: [draws, *shape] from one seeded generator on `device`, made there as the original does;
+    draw 0 is the original's single shared noise."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(draws, *shape, generator=generator, device=device)
+
+
+def check_noise_draws(noise, noise_draws: int) -> None:
+    """A diffusion extractor's noise_draws, and its shared noise (None: fresh draws) holding that many."""
+    if noise_draws < 1:
+        raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
+    if noise is not None and len(noise) != noise_draws:
+        raise ValueError(f"shared noise holds {len(noise)} draws, noise_draws is {noise_draws}")
+
+
 def extract_dtype(name: str, device, use_fp16: bool = False) -> torch.dtype:
     """--extract_dtype -> torch dtype. auto: on CUDA, float16 when the checkpoint was run so (use_fp16),
     else float32; on CPU, bfloat16 where the CPU has it natively, else float32."""

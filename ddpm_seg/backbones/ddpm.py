@@ -6,7 +6,7 @@ import torch
 from guided_diffusion.checkpoint import load_ddpm
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-from . import batch_result, image_tensor, register
+from . import batch_result, check_noise_draws, image_tensor, register, shared_noise
 
 
 class _StopForward(Exception):
@@ -25,10 +25,7 @@ class DDPMFeatureExtractor:
             raise ValueError(f"steps {bad_steps} out of range: the diffusion has timesteps 0..{diffusion.num_timesteps - 1}")
         if not steps or not blocks:
             raise ValueError("a DDPM experiment needs at least one step and one block")
-        if noise_draws < 1:
-            raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
-        if noise is not None and len(noise) != noise_draws:
-            raise ValueError(f"shared noise holds {len(noise)} draws, noise_draws is {noise_draws}")
+        check_noise_draws(noise, noise_draws)
         self.model, self.diffusion = model, diffusion
         self.steps, self.blocks = list(steps), list(blocks)
         self.input_activations = input_activations
@@ -96,12 +93,6 @@ class DDPMFeatureExtractor:
         return {b: self._activations[b].float() for b in set(self.blocks)}
 
 
-def shared_noise(seed: int, draws: int, image_size, device) -> torch.Tensor:
-    """[draws, 3, H, W] from one seeded generator: draw 0 is the original's single shared noise."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(draws, 3, *image_size, generator=generator, device=device)
-
-
 @register("ddpm")
 def build_ddpm(cfg, model_flags, device, seed, random_init, dtype):
     # Features come from the full noising process whatever respacing a sampler may use. The body's dtype
@@ -116,5 +107,5 @@ def build_ddpm(cfg, model_flags, device, seed, random_init, dtype):
         model, diffusion = load_ddpm(cfg["model_path"], flags, device)
     model.convert_body(dtype)
     draws = cfg.get("noise_draws", 1)
-    noise = shared_noise(seed, draws, cfg["dim"][:2], device) if cfg["share_noise"] else None
+    noise = shared_noise(seed, draws, (3, *cfg["dim"][:2]), device) if cfg["share_noise"] else None
     return DDPMFeatureExtractor(model, diffusion, cfg["steps"], cfg["blocks"], cfg["input_activations"], noise, draws)

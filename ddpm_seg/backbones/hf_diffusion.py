@@ -25,7 +25,7 @@ import urllib.parse
 import numpy as np
 import torch
 
-from . import register
+from . import check_noise_draws, register, shared_noise
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DENOISERS = ("unet", "transformer")
@@ -208,10 +208,7 @@ class DiffusersFeatureExtractor:
             raise ValueError(f"steps {bad_steps} out of range: the pipeline has timesteps 0..{num_timesteps - 1}")
         if not steps or not blocks:
             raise ValueError("a diffusers experiment needs at least one step and one block")
-        if noise_draws < 1:
-            raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
-        if noise is not None and len(noise) != noise_draws:
-            raise ValueError(f"shared noise holds {len(noise)} draws, noise_draws is {noise_draws}")
+        check_noise_draws(noise, noise_draws)
         check_module_names(self.denoiser, blocks, model_path)
         self.steps, self.blocks = list(steps), list(blocks)
         self.noise_draws, self.noise = noise_draws, noise
@@ -322,11 +319,6 @@ def latent_shape(parts: dict, image_size) -> tuple:
         return 3, h, w
     factor = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
     return parts["vae"].config.latent_channels, -(-h // factor), -(-w // factor)
-
-
-def shared_noise(seed: int, draws: int, shape, device) -> torch.Tensor:
-    generator = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(draws, *shape, generator=generator, device=device)
 
 
 @register("diffusers")
