@@ -48,7 +48,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from PIL import Image
-from tqdm import tqdm
 
 from guided_diffusion.script_util import (add_dict_to_argparser, args_to_dict, create_model_and_diffusion,
                                           model_and_diffusion_defaults)
@@ -58,7 +57,7 @@ from .demo_data import render_scene
 from .ensemble import PAPER_BATCH, PAPER_LR, MLPEnsemble, hidden_sizes, member_seed, predict_logits, train_ensemble
 from .evaluate import ConfusionMatrix, majority_vote
 from .feature_store import FeatureStore, PixelSampler
-from .utils import atomic_write_json, derive_seed, fast_bf16
+from .utils import atomic_write_json, derive_seed, fast_bf16, progress_bar
 
 # The paper's DDPM features per diffusion step, (channels, resolution) of the decoder blocks it reads
 # (5, 6, 7, 8, 12 of the 256x256 guided-diffusion UNet), at 3 steps: 8448 features per pixel.
@@ -224,7 +223,7 @@ def original_training_set(task, indices, progress=True):
     y = torch.zeros(len(indices), height, width, dtype=torch.uint8)
     make_s = 0.0
     start = time.perf_counter()
-    for row, i in enumerate(tqdm(indices, desc="original: full-res features", disable=not progress)):
+    for row, i in enumerate(progress_bar(indices, desc="original: full-res features", disable=not progress)):
         t0 = time.perf_counter()
         maps = task.maps(i)
         labels = task.labels(maps)
@@ -281,7 +280,7 @@ def build_store(task, indices, kind="ram", root=None, progress=True, dtype=torch
     labels = torch.empty(len(indices), *task.image_size, dtype=torch.long)
     make_s = 0.0
     start = time.perf_counter()
-    for row, i in enumerate(tqdm(indices, desc=f"ours: store ({kind})", disable=not progress)):
+    for row, i in enumerate(progress_bar(indices, desc=f"ours: store ({kind})", disable=not progress)):
         t0 = time.perf_counter()
         maps = task.maps(i)
         labels[row] = task.labels(maps)
@@ -387,7 +386,7 @@ def job_train_original(args):
     init = MLPEnsemble(task.dim, args.classes, args.members, seed=args.seed)
     train_original_member(original_member(init, 0), X, y, WARMUP_STEPS, args.seed)
     start = time.perf_counter()
-    for m in tqdm(range(args.members), desc="original: members one by one", disable=args.quiet):
+    for m in progress_bar(range(args.members), desc="original: members one by one", disable=args.quiet):
         train_original_member(original_member(init, m), X, y, args.train_steps, member_seed(args.seed, m))
     seconds = time.perf_counter() - start
     pixels = args.members * PAPER_BATCH * args.train_steps
@@ -441,13 +440,13 @@ def job_quality(args):
     fit_ensemble(ensemble, store, labels, steps["ours"], args)
     del store
     X, y, _ = original_training_set(task, train_images, progress=not args.quiet)
-    for m, net in enumerate(tqdm(nets, desc="original: members one by one", disable=args.quiet)):
+    for m, net in enumerate(progress_bar(nets, desc="original: members one by one", disable=args.quiet)):
         train_original_member(net, X, y, steps["original"], member_seed(args.seed, m))
     del X, y
 
     scores = {name: ConfusionMatrix(args.classes, IGNORE_LABEL) for name in ("ours", "original", "chance")}
     gen = torch.Generator().manual_seed(args.seed)
-    for j in tqdm(range(args.quality_test), desc="quality: held-out images", disable=args.quiet):
+    for j in progress_bar(range(args.quality_test), desc="quality: held-out images", disable=args.quiet):
         maps = task.maps(HELD_OUT + 1 + j)
         target = task.labels(maps)
         scores["ours"].update(majority_vote(predict_logits(ensemble, maps, task.image_size)), target)

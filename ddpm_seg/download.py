@@ -26,11 +26,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from tqdm import tqdm
-
 from guided_diffusion.checkpoint import model_flags_path
 
-from .utils import atomic_path, atomic_write_json
+from .utils import atomic_path, atomic_write_json, progress_bar
 
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "downloads.json")
 BASE_URL_ENV = "DDPM_SEG_DOWNLOAD_BASE_URL"
@@ -103,8 +101,8 @@ def _download_to_part(url: str, part: str) -> None:
                                 f"delete {part} to download from the start")
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
-        bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=os.path.basename(part)[: -len(".part")], disable=None)
+        bar = progress_bar(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=os.path.basename(part)[: -len(".part")])
         with open(part, "ab" if offset else "wb") as f, bar:
             while True:
                 try:

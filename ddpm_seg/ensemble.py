@@ -14,17 +14,13 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from guided_diffusion.checkpoint import mismatch_report, safe_load
 
-from .utils import atomic_torch_save, derive_seed, keep_freed_memory
+from .utils import atomic_torch_save, derive_seed, keep_freed_memory, progress_bar
 
 PAPER_BATCH, PAPER_LR = 64, 1e-3  # pixels per member per step, Adam learning rate
 # Our layer name -> index of the same layer in the original nn.Sequential (`module.layers.<i>`).
-# Seconds between redraws of the members bar: on a terminal, and in a redirected log (where each redraw is a record).
-PROGRESS_INTERVAL_S = 0.5
-LOG_INTERVAL_S = 60.0
 OFFICIAL_LAYERS = {"fc1": 0, "bn1": 2, "fc2": 3, "bn2": 5, "fc3": 6}
 
 
@@ -307,11 +303,9 @@ def train_ensemble(
                                  and device.type in ("cpu", "cuda"))
     ensemble.train()
     active = list(members)
-    # On a terminal the bar redraws at most every PROGRESS_INTERVAL_S; in a redirected log (not a terminal)
-    # only rarely, and a plain summary line closes the training.
+    # In a redirected log (not a terminal) the bar writes a line a minute, and a plain summary line closes it.
     on_terminal = sys.stderr.isatty()
-    bar = tqdm(total=len(members), desc="members done", disable=not progress,
-               mininterval=PROGRESS_INTERVAL_S if on_terminal else LOG_INTERVAL_S)
+    bar = progress_bar(total=len(members), desc="members done", disable=not progress)
     start, last_loss = time.time(), float("nan")
 
     def finish(m):

@@ -31,7 +31,6 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -44,7 +43,7 @@ from .backbones import add_extraction_args, create_feature_extractor, dtype_name
 from .config import check_paths, load_experiment, resolve_model_flags, run_dir
 from .data import synthetic_dataset_path
 from .interpreter import Interpreter, load_ensemble
-from .utils import atomic_path, check_settings, check_writable, derive_seed, distributed, on_interrupt
+from .utils import atomic_path, check_settings, check_writable, derive_seed, distributed, on_interrupt, progress_bar
 
 INDEX_NAME = "index.json"
 LOCK_NAME = "lock"
@@ -314,8 +313,8 @@ def _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, 
               f"on {world_size} process(es); chunks in {folder}")
 
     start = time.time()
-    bar = tqdm(total=sum(chunks[k][1] - chunks[k][0] for k in mine), unit="sample",
-               desc=f"generate (rank {rank})" if world_size > 1 else "generate", disable=rank != 0, dynamic_ncols=True)
+    bar = progress_bar(total=sum(chunks[k][1] - chunks[k][0] for k in mine), unit="sample",
+               desc=f"generate (rank {rank})" if world_size > 1 else "generate", disable=rank != 0)
     for k in mine:
         indices = range(*chunks[k])
         images = sample_images(interpreter.extractor.model, diffusion, indices, opts["sample_seed"], size,

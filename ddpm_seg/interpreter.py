@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from .backbones import create_feature_extractor, extract_batches
 from .class_info import class_table
@@ -26,7 +25,7 @@ from .config import validate_experiment
 from .data import image_to_rgb, resize_image
 from .ensemble import MLPEnsemble, predict_logits
 from .evaluate import ConfusionMatrix, image_uncertainty_score, iou_metrics, majority_vote, uncertainty_map
-from .utils import atomic_save_npy, read_json_object, resolve_device
+from .utils import atomic_save_npy, progress_bar, read_json_object, resolve_device
 from .visualize import save_prediction_picture
 
 SETTINGS_NAME = "settings.json"
@@ -165,7 +164,7 @@ def evaluate(interpreter, items, folder, pictures=True):
     matrix = ConfusionMatrix(interpreter.number_class, interpreter.ignore_label)
     scores = []
     root = os.path.commonpath([os.path.dirname(it.path) for it in items])
-    bar = tqdm(total=len(items), desc="evaluate")
+    bar = progress_bar(total=len(items), desc="evaluate")
     for start in range(0, len(items), interpreter.extract_batch):
         chunk = items[start:start + interpreter.extract_batch]
         for item, (pred, unc, score) in zip(chunk, interpreter.segment([it.image for it in chunk])):

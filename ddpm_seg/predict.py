@@ -32,12 +32,11 @@ import time
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from .data import IMAGE_EXTENSIONS, is_hidden, list_images, read_image
 from .deeplab import DeepLabSegmenter
 from .interpreter import Interpreter
-from .utils import atomic_path, atomic_save_npy, resolve_device
+from .utils import atomic_path, atomic_save_npy, progress_bar, resolve_device
 from .visualize import heatmap, save_contact_sheet, save_overlay_picture
 
 SUGGEST_THUMBNAIL = 128  # pixels, the longer side of a contact-sheet thumbnail
@@ -235,7 +234,7 @@ def predict(args) -> dict:
               f"(listed in {journal_path}); segmenting the other {len(todo)}")
     failed = []
     start = time.time()
-    bar = tqdm(total=len(todo), unit="img", desc="predict", dynamic_ncols=True)
+    bar = progress_bar(total=len(todo), unit="img", desc="predict")
     with open(journal_path, "a") as journal:
         for begin in range(0, len(todo), args.batch_size):
             batch = []
@@ -244,7 +243,7 @@ def predict(args) -> dict:
                     batch.append((i, path, stem, read_image(path)))
                 except ValueError as e:
                     failed.append((path, str(e)))
-                    tqdm.write(f"skipped {path}: {e}")
+                    bar.write(f"skipped {path}: {e}")
                     bar.update(1)
             results = segmenter.segment([image for _, _, _, image in batch]) if batch else []
             for (i, path, stem, image), (labels, unc, score) in zip(batch, results):

@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
@@ -36,7 +35,7 @@ from .feature_store import FeatureStore
 from .interpreter import segment_maps
 from .training import (AUTOCAST, add_precision_args, extract_training_store, resolve_autocast, store_dtype_name,
                        training_sampler)
-from .utils import atomic_path, check_settings, resolve_device, seed_everything
+from .utils import atomic_path, check_settings, progress_bar, resolve_device, seed_everything
 from .visualize import heatmap
 
 CSV_COLUMNS = ("step", "block", "channels", "resolution", "miou")
@@ -119,7 +118,7 @@ def run_sweep(cfg, exp_path, model_flags, args):
 
     # Steps one after the other, so only one step's training features are held at a time.
     cells, ensembles = [], {}
-    bar = tqdm(total=len(steps) * len(blocks), desc="sweep cells")
+    bar = progress_bar(total=len(steps) * len(blocks), desc="sweep cells")
     for t in steps:
         store_root = os.path.join(args.out, "features", f"step_{t}")
         first_maps = extractors[t](train_items[0].image)
@@ -140,7 +139,7 @@ def run_sweep(cfg, exp_path, model_flags, args):
     bar.close()
 
     matrices = {key: ConfusionMatrix(cfg["number_class"], cfg["ignore_label"]) for key in ensembles}
-    bar = tqdm(total=len(test_items), desc="evaluate cells")
+    bar = progress_bar(total=len(test_items), desc="evaluate cells")
     # Extractors that do not estimate their memory per image (None) get the default batch.
     sizes = [memory_per_image(e) for e in extractors.values()]
     batch = extract_batch_size(args.extract_batch, None if None in sizes else max(sizes), device)

@@ -33,7 +33,6 @@ import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
 from guided_diffusion.checkpoint import (
     MODEL_FLAGS_FILENAME,
@@ -50,7 +49,7 @@ from guided_diffusion.script_util import (
 
 from .data import list_images, read_image
 from .utils import (atomic_torch_save_set, atomic_write_json, check_writable, derive_seed, distributed, on_interrupt,
-                    seed_everything)
+                    progress_bar, seed_everything)
 
 LOG_FILENAME = "train_log.jsonl"
 
@@ -388,7 +387,7 @@ def _run(opts, rank, world_size, device):
     }
     if rank == 0:
         atomic_write_json(out["model_flags"], flags)
-    bar = tqdm(initial=step, total=end_step, desc="train-ddpm", disable=rank != 0, dynamic_ncols=True)
+    bar = progress_bar(initial=step, total=end_step, desc="train-ddpm", disable=rank != 0)
     loss_sum, loss_count, saved_step = 0.0, 0, step if resume else None
     with on_interrupt(lambda: interrupted_note(opts.out_dir, ema_rates, step)):
         batches = iter(loader)

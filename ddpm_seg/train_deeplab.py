@@ -34,7 +34,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm
 
 from guided_diffusion.checkpoint import safe_load
 
@@ -45,7 +44,7 @@ from .data import list_images, load_labelled_folder, resize_image, resize_label,
 from .deeplab import DEEPLABS, EXPERIMENT_NAME, build_deeplab
 from .evaluate import ConfusionMatrix, iou_metrics
 from .utils import (atomic_torch_save, atomic_write_json, check_settings, check_writable, derive_seed, distributed,
-                    seed_everything)
+                    progress_bar, seed_everything)
 
 SETTINGS_NAME = "settings.json"
 
@@ -260,7 +259,7 @@ def _run(cfg, args, rank, world_size, device):
         sampler.set_epoch(epoch)
         torch.manual_seed(epoch_seed(args.seed, epoch, rank))  # dropout: the same on resume
         net.train()
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True)
+        bar = progress_bar(loader, desc=f"epoch {epoch}", disable=rank != 0)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(net(x)["out"], y, ignore_index=ignore)

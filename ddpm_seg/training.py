@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
@@ -24,7 +23,7 @@ from .data import load_split
 from .ensemble import MLPEnsemble, scaled_lr, train_ensemble
 from .feature_store import FeatureStore, PixelSampler
 from .interpreter import SETTINGS_NAME, Interpreter, evaluate, member_path
-from .utils import (atomic_write_json, available_memory_bytes, check_settings, check_writable, fast_bf16,
+from .utils import (atomic_write_json, available_memory_bytes, check_settings, check_writable, fast_bf16, progress_bar,
                     read_json_object, resolve_device, seed_everything)
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
@@ -100,7 +99,7 @@ def extract_training_store(extractor, items, first_maps, args, store_root, batch
         args.store == "auto" and per_image * len(items) > RAM_STORE_SHARE * available_memory_bytes())
     store = FeatureStore(shapes, items[0].label.shape, len(items), dtype=dtype, root=store_root if use_disk else None)
     todo = store.missing()
-    bar = tqdm(total=len(todo), desc="extract train features")
+    bar = progress_bar(total=len(todo), desc="extract train features")
     if todo[:1] == [0]:
         store.put(0, first_maps)
         todo = todo[1:]

@@ -1,4 +1,4 @@
-"""Small shared helpers: device choice, seeding and atomic file writes."""
+"""Small shared helpers: device choice, seeding, progress bars and atomic file writes."""
 
 import codecs
 import contextlib
@@ -9,11 +9,13 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -88,6 +90,36 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     mallopt(m_mmap_max, 0)  # large blocks come from the heap, so free() keeps them for the next step
     mallopt(m_trim_threshold, 2**31 - 1)  # and the heap top is not trimmed back after every step
+
+
+# A bar redraws at most this often: on a terminal, and in a redirected log, where each redraw is one record.
+TERMINAL_REDRAW_S = 0.5
+LOG_REDRAW_S = 60.0
+
+
+class _LogLines:
+    """tqdm's output stream outside a terminal: each redraw becomes one line, not a '\\r'-overwritten stretch
+    of a single line, so `tail`, `grep` and editors show the log as written."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar on stderr that stays readable in a redirected log: there it writes a line a minute, not a
+    redraw per update."""
+    stream = kwargs.pop("file", None) or sys.stderr
+    if stream.isatty():
+        return tqdm(iterable, file=stream, mininterval=TERMINAL_REDRAW_S, **kwargs)
+    return tqdm(iterable, file=_LogLines(stream), mininterval=LOG_REDRAW_S, **kwargs)
 
 
 def derive_seed(*keys: int) -> int:

@@ -404,6 +404,17 @@ def test_category_table_with_another_number_class_needs_own_names(experiment, tm
 
 # ---- 10. progress output in a redirected log ----
 
+def test_a_bar_in_a_log_writes_whole_lines_at_most_a_minute_apart(capsys):
+    bar = utils.progress_bar(total=10000, desc="work")
+    for _ in range(10000):
+        bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err  # captured: not a terminal
+    assert "\r" not in err  # no redraws over one line
+    assert err.splitlines() == [line for line in err.splitlines() if line.startswith("work: ")]
+    assert len(err.splitlines()) == 2 and "10000/10000" in err.splitlines()[-1]  # the start and the end
+
+
 def test_members_bar_in_a_log_is_a_few_records_and_a_summary(capsys):
     torch.manual_seed(0)
     labels = torch.randint(0, 3, (2, 8, 8))

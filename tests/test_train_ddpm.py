@@ -193,6 +193,7 @@ def test_rerun_resumes_from_the_last_complete_set_and_removes_stale_files(images
     assert (f"resuming from {tmp_path}/model000001.pt, the last complete checkpoint set in --out_dir "
             "(model000002.pt is an incomplete set and is not used)") in err
     assert result["step"] == 3
+    assert "\r" not in err and "train-ddpm: 100%" in err  # the bar in a log (not a terminal): whole lines
     assert [json.loads(line)["step"] for line in open(result["log"])] == [1, 2, 2, 3]  # steps 2 and 3 trained again
     assert sorted(os.listdir(tmp_path)) == sorted(
         [f"{kind}{s:06d}.pt" for kind in ("model", "opt", "ema_0.9_") for s in (1, 2, 3)]
