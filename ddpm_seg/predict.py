@@ -36,7 +36,7 @@ from PIL import Image
 from .data import IMAGE_EXTENSIONS, is_hidden, list_images, read_image
 from .deeplab import DeepLabSegmenter
 from .interpreter import Interpreter
-from .utils import atomic_path, atomic_save_npy, progress_bar, resolve_device
+from .utils import append_line, atomic_path, atomic_save_npy, progress_bar, resolve_device
 from .visualize import heatmap, save_contact_sheet, save_overlay_picture
 
 SUGGEST_THUMBNAIL = 128  # pixels, the longer side of a contact-sheet thumbnail
@@ -235,26 +235,24 @@ def predict(args) -> dict:
     failed = []
     start = time.time()
     bar = progress_bar(total=len(todo), unit="img", desc="predict")
-    with open(journal_path, "a") as journal:
-        for begin in range(0, len(todo), args.batch_size):
-            batch = []
-            for i, path, stem in todo[begin:begin + args.batch_size]:
-                try:
-                    batch.append((i, path, stem, read_image(path)))
-                except ValueError as e:
-                    failed.append((path, str(e)))
-                    bar.write(f"skipped {path}: {e}")
-                    bar.update(1)
-            results = segmenter.segment([image for _, _, _, image in batch]) if batch else []
-            for (i, path, stem, image), (labels, unc, score) in zip(batch, results):
-                write_outputs(os.path.join(args.out, stem), image, labels, unc, segmenter, args)
-                shares = np.bincount(labels.ravel(), minlength=segmenter.number_class)[:segmenter.number_class]
-                rows[i] = {"image": path, "stem": stem, "width": image.shape[1], "height": image.shape[0],
-                           "score": score, "shares": (shares / labels.size).tolist()}
-                # Written after the image's outputs: a listed image is complete.
-                journal.write(json.dumps(rows[i]) + "\n")
-                journal.flush()
+    for begin in range(0, len(todo), args.batch_size):
+        batch = []
+        for i, path, stem in todo[begin:begin + args.batch_size]:
+            try:
+                batch.append((i, path, stem, read_image(path)))
+            except ValueError as e:
+                failed.append((path, str(e)))
+                bar.write(f"skipped {path}: {e}")
                 bar.update(1)
+        results = segmenter.segment([image for _, _, _, image in batch]) if batch else []
+        for (i, path, stem, image), (labels, unc, score) in zip(batch, results):
+            write_outputs(os.path.join(args.out, stem), image, labels, unc, segmenter, args)
+            shares = np.bincount(labels.ravel(), minlength=segmenter.number_class)[:segmenter.number_class]
+            rows[i] = {"image": path, "stem": stem, "width": image.shape[1], "height": image.shape[0],
+                       "score": score, "shares": (shares / labels.size).tolist()}
+            # Written after the image's outputs: a listed image is complete.
+            append_line(journal_path, json.dumps(rows[i]))
+            bar.update(1)
     bar.close()
     seconds = time.time() - start
     segmented = len(todo) - len(failed)

@@ -48,8 +48,8 @@ from guided_diffusion.script_util import (
 )
 
 from .data import list_images, read_image
-from .utils import (atomic_torch_save_set, atomic_write_json, check_writable, derive_seed, distributed, on_interrupt,
-                    progress_bar, seed_everything)
+from .utils import (append_line, atomic_torch_save_set, atomic_write_json, check_writable, derive_seed, distributed,
+                    on_interrupt, progress_bar, seed_everything)
 
 LOG_FILENAME = "train_log.jsonl"
 
@@ -407,8 +407,7 @@ def _run(opts, rank, world_size, device):
             if rank == 0 and step % opts.log_interval == 0:
                 mean = float(loss_sum) / loss_count
                 bar.set_postfix(loss=f"{mean:.4f}", refresh=False)  # shown at the next rate-limited redraw
-                with open(out["log"], "a") as f:
-                    f.write(json.dumps({"step": step, "loss": mean, "lr": opt.param_groups[0]["lr"]}) + "\n")
+                append_line(out["log"], json.dumps({"step": step, "loss": mean, "lr": opt.param_groups[0]["lr"]}))
                 loss_sum, loss_count = 0.0, 0
             if rank == 0 and step % opts.save_interval == 0:
                 _save(opts.out_dir, step, model, emas, opt)

@@ -182,6 +182,18 @@ def write_error(e: OSError, path: str = None) -> WriteError:
     return WriteError(f"cannot write {path}: {what}; choose another output folder or fix its permissions")
 
 
+def append_line(path: str, line: str) -> None:
+    """Append one line to a log or journal. A write that fails (disk full, ...) names the file: the error of a
+    failed write() carries no file name, and the user has to learn which log filled the disk."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:
+            raise write_error(e, path) from None
+        raise
+
+
 def check_writable(folder: str) -> None:
     """Prove, before long work starts, that a file can be created in `folder` (or, while it does not exist yet,
     in its nearest existing parent, where it will be created); nothing is left behind."""

@@ -132,33 +132,49 @@ def test_checkpoint_on_a_full_tmpfs_is_a_write_error_and_leaves_nothing(tmpfs):
     assert os.listdir(disk) == []
 
 
-def test_injected_enospc_in_torch_and_numpy_saves_names_the_file(tmp_path, monkeypatch):
+class FullDisk:
+    """A file whose every write() fails as on a full disk: ENOSPC and, as write() raises it, no file name."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def fill_the_disk_under_utils(monkeypatch):
     real_open = open
-
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
     monkeypatch.setattr(utils, "open", lambda path, mode="r", *a, **k: FullDisk(real_open(path, mode, *a, **k)),
                         raising=False)
+
+
+def test_injected_enospc_in_torch_and_numpy_saves_names_the_file(tmp_path, monkeypatch):
+    fill_the_disk_under_utils(monkeypatch)
     for save, name in [(lambda p: utils.atomic_torch_save({"w": torch.ones(3)}, p), "a.pt"),
                        (lambda p: utils.atomic_save_npy(p, np.ones(3)), "b.npy"),
                        (lambda p: utils.atomic_write_json(p, {"a": 1}), "c.json")]:
         with pytest.raises(utils.WriteError, match=rf"cannot write {tmp_path}/{name}: no space left on the device"):
             save(str(tmp_path / name))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_under_a_log_names_the_log(tmp_path, monkeypatch):
+    log = tmp_path / "train_log.jsonl"
+    utils.append_line(str(log), '{"step": 1}')
+    fill_the_disk_under_utils(monkeypatch)
+    with pytest.raises(utils.WriteError, match=rf"cannot write {log}: no space left on the device"):
+        utils.append_line(str(log), '{"step": 2}')
+    monkeypatch.undo()
+    assert log.read_text() == '{"step": 1}\n'  # earlier lines untouched
 
 
 def test_enospc_reaching_the_cli_is_one_line(monkeypatch, capsys):
