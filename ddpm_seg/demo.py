@@ -30,7 +30,7 @@ from .config import load_experiment, run_dir
 from .data import read_image
 from .demo_data import generate_demo_dataset
 from .evaluate import ConfusionMatrix
-from .train_ddpm import train_ddpm, train_ddpm_defaults
+from .train_ddpm import doubling_step, train_ddpm, train_ddpm_defaults
 from .training import add_args as add_interpreter_args
 from .training import run as run_interpreter
 from .utils import atomic_path, atomic_write_json
@@ -44,7 +44,7 @@ SHIPPED_DDPM = os.path.join(REPO, "experiments", "demo", "demo_ddpm.pt")
 # each step ~30x slower, not faster. The trajectory is a function of the seed and step alone, so the
 # checkpoint of step N is the same whether a run stops there or goes on.
 DDPM_TRAINING = dict(batch_size=32, lr=5e-4, max_steps=9600, precision="fp32", ema_rate="0.995,0.999",
-                     num_workers=0, save_interval=200, log_interval=50)
+                     num_workers=0, save_interval=200, keep="doubling", log_interval=50)
 SHIPPED_EMA_RATE = "0.999"
 # The unlabelled pool is written only for --retrain; the labelled splits are what the demo itself needs.
 DATASET = dict(num_pool=20000, num_train=20, num_test=50, num_val=50)
@@ -132,8 +132,7 @@ def curve_points(checkpoints):
     """The checkpoints the curve scores: the first saved step doubled again and again (200, 400, 800, ...: even
     points on the plot's log axis, and a few minutes each rather than one per saved checkpoint), and the last."""
     steps = sorted(checkpoints)
-    keep = {steps[-1]} | {s for s in steps if s % steps[0] == 0 and (s // steps[0]) & (s // steps[0] - 1) == 0}
-    return {s: checkpoints[s] for s in steps if s in keep}
+    return {s: checkpoints[s] for s in steps if s == steps[-1] or doubling_step(s, steps[0])}
 
 
 def save_curve_picture(path, rows, baselines):

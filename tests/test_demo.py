@@ -117,9 +117,11 @@ def test_extra_backbones_fit_the_demo_images():
 
 def test_curve_scores_doubling_steps_and_the_last():
     from ddpm_seg.demo import curve_points
+    from ddpm_seg.train_ddpm import doubling_step
 
     saved = {s: f"ema_{s}.pt" for s in range(200, 10401, 200)}
     assert list(curve_points(saved)) == [200, 400, 800, 1600, 3200, 6400, 10400]
     assert curve_points(saved)[6400] == "ema_6400.pt"
     assert list(curve_points({300: "a", 600: "b", 900: "c"})) == [300, 600, 900]
     assert list(curve_points({5: "a"})) == [5]
+    assert [s for s in range(1, 2000) if doubling_step(s, 200)] == [200, 400, 800, 1600]

@@ -182,6 +182,27 @@ def test_a_save_cut_short_publishes_no_file_of_the_set(images, tmp_path, monkeyp
     assert sorted(os.listdir(tmp_path)) == ["model_flags.json", "train_log.jsonl"]  # no model without its set
 
 
+def test_keep_doubling_keeps_the_sets_at_doubling_steps_and_the_last(images, tmp_path):
+    common = {**TINY, "data_dir": images, "out_dir": str(tmp_path), "ema_rate": "0.9", "save_interval": 2,
+              "keep": "doubling"}
+
+    def sets():
+        return sorted(int(name[5:-3]) for name in os.listdir(tmp_path) if name.startswith("model0"))
+
+    train_ddpm({**common, "max_steps": 6})
+    assert sets() == [2, 4, 6]
+    before = torch.load(tmp_path / "ema_0.9_000004.pt", weights_only=True)
+    train_ddpm({**common, "max_steps": 11})  # resumes from 6; 6 and 10 are dropped once a later set is whole
+    assert sets() == [2, 4, 8, 11]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [f"{kind}{s:06d}.pt" for kind in ("model", "opt", "ema_0.9_") for s in (2, 4, 8, 11)]
+        + ["model_flags.json", "train_log.jsonl"])  # whole sets only, nothing orphaned
+    after = torch.load(tmp_path / "ema_0.9_000004.pt", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # kept sets are left as they were
+    with pytest.raises(ValueError, match="--keep must be all or doubling, got 'some'"):
+        train_ddpm({**common, "keep": "some"})
+
+
 def test_rerun_resumes_from_the_last_complete_set_and_removes_stale_files(images, tmp_path, capsys):
     common = {**TINY, "data_dir": images, "out_dir": str(tmp_path), "lr": 1e-3, "ema_rate": "0.9", "save_interval": 1}
     train_ddpm({**common, "max_steps": 2})
