@@ -9,7 +9,8 @@ side load into the other:
 Here `step` counts completed updates (model000100.pt holds the weights after 100 updates), and
 resuming from model{step}.pt continues from that step with the EMA and optimizer saved beside it.
 The three are published as a set (model file last), so a kill while saving leaves no partial set; a
-rerun into an --out_dir that holds checkpoints resumes from its last complete set.
+rerun into an --out_dir that holds checkpoints resumes from its last complete set. Every set is kept, or with
+--keep doubling only those at save_interval x 1, 2, 4, 8, ... steps and the latest.
 
 The data order, timesteps, noise and flips are functions of (seed, step, rank) alone, so a run that
 is stopped and resumed follows the same trajectory as one that is not.
