@@ -102,7 +102,7 @@ def _download_to_part(url: str, part: str) -> None:
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
         bar = progress_bar(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=os.path.basename(part)[: -len(".part")])
+                           desc=os.path.basename(part)[: -len(".part")])
         with open(part, "ab" if offset else "wb") as f, bar:
             while True:
                 try:

@@ -314,7 +314,7 @@ def _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, 
 
     start = time.time()
     bar = progress_bar(total=sum(chunks[k][1] - chunks[k][0] for k in mine), unit="sample",
-               desc=f"generate (rank {rank})" if world_size > 1 else "generate", disable=rank != 0)
+                       desc=f"generate (rank {rank})" if world_size > 1 else "generate", disable=rank != 0)
     for k in mine:
         indices = range(*chunks[k])
         images = sample_images(interpreter.extractor.model, diffusion, indices, opts["sample_seed"], size,

@@ -116,10 +116,9 @@ class _LogLines:
 def progress_bar(iterable=None, **kwargs):
     """A tqdm bar on stderr that stays readable in a redirected log: there it writes a line a minute, not a
     redraw per update."""
-    stream = kwargs.pop("file", None) or sys.stderr
-    if stream.isatty():
-        return tqdm(iterable, file=stream, mininterval=TERMINAL_REDRAW_S, **kwargs)
-    return tqdm(iterable, file=_LogLines(stream), mininterval=LOG_REDRAW_S, **kwargs)
+    if sys.stderr.isatty():
+        return tqdm(iterable, file=sys.stderr, mininterval=TERMINAL_REDRAW_S, **kwargs)
+    return tqdm(iterable, file=_LogLines(sys.stderr), mininterval=LOG_REDRAW_S, **kwargs)
 
 
 def derive_seed(*keys: int) -> int:
