@@ -64,6 +64,7 @@ def train_defaults():
         weight_decay=0.0,
         lr_anneal_steps=0,  # > 0: lr decays linearly to 0 and training stops at this step
         max_steps=0,  # > 0: stop at this step (counted across resumes); 0 with no annealing runs forever
+        lr_cooldown_steps=0,  # > 0: lr constant, then decays linearly to 0 over the last these steps before max_steps
         batch_size=1,  # per process
         microbatch=-1,  # -1: no gradient accumulation
         ema_rate="0.9999",  # comma-separated list for several EMAs
@@ -221,6 +222,9 @@ def _resolve_options(args):
     for name in ("batch_size", "log_interval", "save_interval"):
         if getattr(opts, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(opts, name)}")
+    if opts.lr_cooldown_steps and not 0 < opts.lr_cooldown_steps <= opts.max_steps:
+        raise ValueError(f"--lr_cooldown_steps must be between 1 and --max_steps ({opts.max_steps}), "
+                         f"got {opts.lr_cooldown_steps}")
     return opts
 
 
@@ -238,6 +242,18 @@ def _apply_hyperparameters(opt, opts):
     another --lr would otherwise go on at the old one without a word."""
     for group in opt.param_groups:
         group["lr"], group["weight_decay"] = opts.lr, opts.weight_decay
+
+
+def learning_rate(opts, step):
+    """The lr of the update after `step` updates: --lr, times the linear anneal of --lr_anneal_steps, times the
+    cooldown of --lr_cooldown_steps. Before its cooldown a run follows the constant-lr trajectory exactly, so the
+    checkpoints of a long constant run are those a cooled-down run passes through."""
+    lr = opts.lr
+    if opts.lr_anneal_steps:
+        lr *= 1 - step / opts.lr_anneal_steps
+    if opts.lr_cooldown_steps:
+        lr *= min(1.0, (opts.max_steps - step) / opts.lr_cooldown_steps)
+    return lr
 
 
 def doubling_step(step, base):
@@ -412,9 +428,8 @@ def _run(opts, rank, world_size, device):
         batches = iter(loader)
         while end_step is None or step < end_step:
             batch = next(batches)
-            if opts.lr_anneal_steps:
-                for group in opt.param_groups:
-                    group["lr"] = opts.lr * (1 - step / opts.lr_anneal_steps)
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(opts, step)
             loss = _train_step(train_model, diffusion, opt, batch, step_generator(opts.seed, rank, step),
                                opts.microbatch, autocast)
             for ema in emas:

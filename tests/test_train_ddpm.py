@@ -99,6 +99,21 @@ def test_resume_takes_this_runs_lr_not_the_saved_one(images, tmp_path):
     assert group["lr"] == 4e-4 and group["weight_decay"] == 0.01
 
 
+def test_cooldown_decays_lr_to_zero_and_keeps_the_constant_run_before_it(images, tmp_path):
+    common = {**TINY, "data_dir": images, "lr": 1e-3, "save_interval": 2}
+    constant = train_ddpm({**common, "out_dir": str(tmp_path / "constant"), "max_steps": 6})
+    cooled = train_ddpm({**common, "out_dir": str(tmp_path / "cooled"), "max_steps": 6, "lr_cooldown_steps": 4})
+    lrs = [json.loads(line)["lr"] for line in open(cooled["log"])]
+    # lr of update k+1 (logged at step k+1) is 1e-3 * min(1, (6 - k) / 4).
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4], rel=1e-9)
+    # Up to the cooldown's start the two runs are the same; after it they part.
+    for step, same in ((2, True), (4, False), (6, False)):
+        a, b = (_sd(tmp_path / run / f"model{step:06d}.pt") for run in ("constant", "cooled"))
+        assert all(torch.equal(a[k], b[k]) for k in a) == same, step
+    with pytest.raises(ValueError, match=r"--lr_cooldown_steps must be between 1 and --max_steps \(6\), got 7"):
+        train_ddpm({**common, "out_dir": str(tmp_path / "bad"), "max_steps": 6, "lr_cooldown_steps": 7})
+
+
 def test_microbatches_give_the_full_batch_update(images, tmp_path):
     common = {**TINY, "data_dir": images, "max_steps": 1}
     full = train_ddpm({**common, "out_dir": str(tmp_path / "full")})
