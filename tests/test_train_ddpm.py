@@ -101,7 +101,7 @@ def test_resume_takes_this_runs_lr_not_the_saved_one(images, tmp_path):
 
 def test_cooldown_decays_lr_to_zero_and_keeps_the_constant_run_before_it(images, tmp_path):
     common = {**TINY, "data_dir": images, "lr": 1e-3, "save_interval": 2}
-    constant = train_ddpm({**common, "out_dir": str(tmp_path / "constant"), "max_steps": 6})
+    train_ddpm({**common, "out_dir": str(tmp_path / "constant"), "max_steps": 6})
     cooled = train_ddpm({**common, "out_dir": str(tmp_path / "cooled"), "max_steps": 6, "lr_cooldown_steps": 4})
     lrs = [json.loads(line)["lr"] for line in open(cooled["log"])]
     # lr of update k+1 (logged at step k+1) is 1e-3 * min(1, (6 - k) / 4).
