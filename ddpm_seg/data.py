@@ -11,7 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .class_info import class_table
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # PNG masks live in <folder>/labels/, mirroring the images' relative paths: <folder>/labels/a/b.png labels
 # <folder>/a/b.jpg. Nothing under that folder is ever taken for an image.
 MASK_FOLDER = "labels"

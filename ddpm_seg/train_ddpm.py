@@ -48,7 +48,7 @@ from guided_diffusion.script_util import (
     model_and_diffusion_defaults,
 )
 
-from .data import list_images, read_image
+from .data import IMAGE_EXTENSIONS, list_images, read_image
 from .utils import (append_line, atomic_torch_save_set, atomic_write_json, check_writable, derive_seed, distributed,
                     on_interrupt, progress_bar, seed_everything)
 
@@ -95,7 +95,7 @@ class ImageFolderDataset(Dataset):
     def __init__(self, folder, image_size):
         self.paths = list_images(folder)
         if not self.paths:
-            raise FileNotFoundError(f"no .jpg/.jpeg/.png images found under data_dir {folder!r}")
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under data_dir {folder!r}")
         self.image_size = image_size
 
     def __len__(self):

@@ -149,6 +149,21 @@ def test_png_masks_give_the_npy_labels(experiment, tmp_path, kind):
         assert np.array_equal(a.label, b.label) and np.array_equal(a.image, b.image)
 
 
+def test_bmp_tiff_and_webp_images_are_found_and_read(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.bmp")
+    Image.fromarray(rgb).save(tmp_path / "b.TIF")
+    Image.fromarray(rgb).save(tmp_path / "c.webp", lossless=True)
+    grey16 = rgb[..., 0].astype(np.uint16) * 257  # a 16-bit TIFF scanner output reads as its 8-bit levels
+    Image.fromarray(grey16).save(tmp_path / "d.tiff")
+    (tmp_path / "notes.txt").write_text("not an image")
+    found = list_images(str(tmp_path))
+    assert [os.path.basename(p) for p in found] == ["a.bmp", "b.TIF", "c.webp", "d.tiff"]
+    for path in found[:3]:
+        assert np.array_equal(read_image(path), rgb), path
+    assert np.array_equal(read_image(found[3]), np.repeat(rgb[..., :1], 3, axis=2))
+
+
 def test_unknown_colour_in_a_mask_is_named_with_its_pixel_count(tmp_path):
     (tmp_path / "labels").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")
