@@ -237,11 +237,11 @@ def _load_saved_state(checkpoint_dir, step, emas, opt):
     opt.load_state_dict(safe_load(saved["opt"], "optimizer checkpoint"))
 
 
-def _apply_hyperparameters(opt, opts):
-    """Set this run's --lr and --weight_decay: a loaded optimizer state carries the saved run's, and a resume with
-    another --lr would otherwise go on at the old one without a word."""
+def _apply_weight_decay(opt, opts):
+    """Set this run's --weight_decay: a loaded optimizer state carries the saved run's, and a resume with another
+    one would otherwise go on at the old one without a word. (The lr is set before every update, learning_rate.)"""
     for group in opt.param_groups:
-        group["lr"], group["weight_decay"] = opts.lr, opts.weight_decay
+        group["weight_decay"] = opts.weight_decay
 
 
 def learning_rate(opts, step):
@@ -403,7 +403,7 @@ def _run(opts, rank, world_size, device):
     opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     if step:
         _load_saved_state(os.path.dirname(os.path.abspath(resume)), step, emas, opt)
-        _apply_hyperparameters(opt, opts)
+        _apply_weight_decay(opt, opts)
     end_step = min([s for s in (opts.lr_anneal_steps, opts.max_steps) if s > 0], default=None)
 
     sampler = ShardedBatchSampler(len(dataset), opts.batch_size, opts.seed, rank, world_size, step)
