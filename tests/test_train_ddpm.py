@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ddpm_seg.demo_data import generate_demo_dataset
-from ddpm_seg.train_ddpm import ImageFolderDataset, add_train_ddpm_args, parse_resume_step, train_ddpm
+from ddpm_seg.train_ddpm import EMA, ImageFolderDataset, add_train_ddpm_args, parse_resume_step, train_ddpm
 from guided_diffusion.checkpoint import load_ddpm
 from guided_diffusion.script_util import create_model_and_diffusion
 
@@ -261,3 +261,19 @@ def test_ctrl_c_in_train_ddpm_exits_130_naming_the_last_set(images, tmp_path, mo
         f"ddpm-seg train-ddpm: interrupted: stopped after step 2; the last checkpoint set is model000002.pt (step 2) "
         f"in {tmp_path}: run the same command again to resume from it")
     assert "Traceback" not in err
+
+
+def test_ema_update_is_the_moving_average_of_every_parameter():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ema = EMA(model, 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(model)
+    state = ema.state_dict(model)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(state[name], 0.9 * start[name] + 0.1 * p.detach(), rtol=1e-6, atol=1e-7)
+    # Buffers are not averaged: they are copied from the model as they are.
+    assert torch.equal(state["1.running_var"], model[1].running_var)
