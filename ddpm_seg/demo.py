@@ -43,7 +43,7 @@ SHIPPED_DDPM = os.path.join(REPO, "experiments", "demo", "demo_ddpm.pt")
 # The recipe of the shipped DDPM. float32: on CPUs without native bfloat16 (AVX2 only) bf16 autocast made
 # each step ~30x slower, not faster. The trajectory is a function of the seed and step alone, so the
 # checkpoint of step N is the same whether a run stops there or goes on.
-DDPM_TRAINING = dict(batch_size=32, lr=5e-4, max_steps=25600, precision="fp32", ema_rate="0.995,0.999",
+DDPM_TRAINING = dict(batch_size=32, lr=5e-4, max_steps=32000, precision="fp32", ema_rate="0.995,0.999",
                      num_workers=0, save_interval=200, keep="doubling", log_interval=50)
 SHIPPED_EMA_RATE = "0.999"
 # The unlabelled pool is written only for --retrain; the labelled splits are what the demo itself needs.
