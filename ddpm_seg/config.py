@@ -39,12 +39,17 @@ EXPERIMENT_KEYS = {
     "palette": (list, False),  # flat [r0, g0, b0, r1, ...], one colour per class
     # Diffusion backbones (ddpm, diffusers): average every map over K noise draws (default 1, the paper's).
     "noise_draws": (int, False),
+    # Segment each image in V test views (default 1, the paper's): the identity, flips and quarter turns
+    # (interpreter.VIEWS), each with its own noise, the members' probabilities averaged over the views.
+    "test_views": (int, False),
     # model_type "diffusers" only (ddpm_seg/backbones/hf_diffusion.py).
     "prompt": (str, False),
     "dtype": (str, False),
 }
 DIFFUSERS_ONLY = ("prompt", "dtype")
 NOISE_BACKBONES = ("ddpm", "diffusers")
+# test_views: the dihedral group of the square, 8 views; the first 4 (identity, flips, half turn) keep any shape.
+MAX_TEST_VIEWS, SHAPE_KEEPING_VIEWS = 8, 4
 DIFFUSERS_DTYPES = ("float32", "bfloat16", "float16")
 MAX_SUFFIX = 120
 
@@ -118,6 +123,12 @@ def validate_experiment(cfg: dict, path: str = "<config>") -> dict:
                          f"not {cfg['model_type']!r}")
     if cfg.get("noise_draws", 1) < 1:
         raise ValueError(f"{path}: 'noise_draws' must be >= 1, got {cfg['noise_draws']}")
+    views = cfg.get("test_views", 1)
+    if not 1 <= views <= MAX_TEST_VIEWS:
+        raise ValueError(f"{path}: 'test_views' must be in 1..{MAX_TEST_VIEWS} (flips and quarter turns), got {views}")
+    if views > SHAPE_KEEPING_VIEWS and cfg["dim"][0] != cfg["dim"][1]:
+        raise ValueError(f"{path}: 'test_views' {views} needs quarter turns, which a {cfg['dim'][0]}x{cfg['dim'][1]} "
+                         f"resolution ('dim') does not keep; use at most {SHAPE_KEEPING_VIEWS} or a square 'dim'")
     if min(cfg["dim"]) <= 0:
         raise ValueError(f"{path}: 'dim' entries must be positive, got {cfg['dim']}")
     for key in ("number_class", "model_num", "batch_size", "training_number", "testing_number"):

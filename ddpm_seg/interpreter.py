@@ -7,6 +7,10 @@ computed there (predict_logits), then upsampled bilinearly to the image's own si
 so the mask matches the input pixel for pixel. At the experiment's resolution nothing is resampled: the
 labels are those train-interpreter's evaluation writes.
 
+With the config's `test_views` V > 1 the image is also read flipped and turned (VIEWS), each view with its own
+noise draws; each member's logits are turned back and its probabilities averaged over the V views before the
+members vote. The members are the same: only reading the image several ways changes.
+
     interp = Interpreter.load("pixel_classifiers/demo/ddpm/50_150_250_0_1_2_3_4_5_6_7/seed_0")
     labels, uncertainty, score = interp(Image.open("photo.jpg"))
 """
@@ -29,6 +33,9 @@ from .utils import atomic_save_npy, progress_bar, read_json_object, resolve_devi
 from .visualize import save_prediction_picture
 
 SETTINGS_NAME = "settings.json"
+# Test views as (quarter turns, then a left-right flip): identity, left-right flip, top-bottom flip, half turn
+# (these four keep any image's shape), then the quarter turns, flipped or not (square resolutions only).
+VIEWS = [(0, False), (0, True), (2, True), (2, False), (1, False), (1, True), (3, False), (3, True)]
 # Logit values (members x classes x pixels) upsampled at once: a large photo is voted band by band of rows,
 # so its full-size logits (10 x 34 x 12 M pixels = 16 GB for a 4000 x 3000 photo) never exist whole.
 BAND_VALUES = 2**25
@@ -75,6 +82,19 @@ def upsample_rows(logits, size, start, stop):
     return F.interpolate(band, size=(stop - start, size[1]), mode="bilinear", align_corners=False)
 
 
+def view_image(image, view):
+    """uint8 [H, W, 3] as test view `view` sees it (VIEWS)."""
+    turns, flip = VIEWS[view]
+    image = np.rot90(image, turns, axes=(0, 1))
+    return np.ascontiguousarray(image[:, ::-1] if flip else image)
+
+
+def unview_logits(logits, view):
+    """Logits [M, C, h, w] of test view `view` turned back to the image's own orientation."""
+    turns, flip = VIEWS[view]
+    return torch.rot90(logits.flip(-1) if flip else logits, -turns, dims=(-2, -1))
+
+
 def segment_logits(logits, size, uncertainty=uncertainty_map):
     """(labels uint8 [H, W], uncertainty float32 [H, W], score) from members' logits [M, C, h, w] upsampled
     to size = (H, W): the majority vote, a per-pixel uncertainty and the mean of its top 10%."""
@@ -108,6 +128,7 @@ class Interpreter:
         self.number_class, self.ignore_label = cfg["number_class"], cfg["ignore_label"]
         self.resolution = tuple(cfg["dim"][:2])
         self.extract_batch = extract_batch  # images per backbone forward
+        self.views = cfg.get("test_views", 1)
 
     @classmethod
     def load(cls, run_dir, model_path=None, device="auto"):
@@ -139,20 +160,34 @@ class Interpreter:
                                              random_init=settings["random_init"])
         return cls(cfg, extractor, load_ensemble(cfg, run_dir, seed, device))
 
-    def features(self, images):
-        """Feature maps of images already at the experiment's resolution: per image, a list of [C, h, w];
-        extract_batch images per backbone forward."""
+    def features(self, images, view=0):
+        """Feature maps of images already at the experiment's resolution (and in test view `view`): per image, a
+        list of [C, h, w]; extract_batch images per backbone forward."""
         per_image = []
-        for chunk, maps in extract_batches(self.extractor, images, self.extract_batch):
+        for chunk, maps in extract_batches(self.extractor, images, self.extract_batch, view):
             per_image += [[m[j] for m in maps] for j in range(len(chunk))]
         return per_image
+
+    def logits(self, images):
+        """Per image already at the experiment's resolution, the members' logits [M, C, h, w]; with test views,
+        the log of each member's probabilities averaged over the views."""
+        if self.views == 1:
+            return [predict_logits(self.ensemble, maps, self.resolution) for maps in self.features(images)]
+        probs = [0] * len(images)
+        for view in range(self.views):
+            maps = self.features([view_image(image, view) for image in images], view)
+            for i, image_maps in enumerate(maps):
+                logits = unview_logits(predict_logits(self.ensemble, image_maps, self.resolution), view)
+                probs[i] = probs[i] + logits.softmax(dim=1)
+        # Floored at the smallest normal float: a log of 0 would turn into NaN where the vote upsamples.
+        return [(p / self.views).clamp_min(torch.finfo(p.dtype).tiny).log() for p in probs]
 
     def segment(self, images):
         """[(labels uint8 [H, W], uncertainty float32 [H, W], score)] for images (PIL or uint8 [H, W, 3])
         of any sizes; each result at its image's size."""
         images = [as_rgb(image) for image in images]
-        maps = self.features([resize_image(image, self.resolution) for image in images])
-        return [segment_maps(self.ensemble, m, self.resolution, image.shape[:2]) for image, m in zip(images, maps)]
+        logits = self.logits([resize_image(image, self.resolution) for image in images])
+        return [segment_logits(image_logits, image.shape[:2]) for image, image_logits in zip(images, logits)]
 
     def __call__(self, image):
         return self.segment([image])[0]

@@ -101,7 +101,7 @@ def run_sweep(cfg, exp_path, model_flags, args):
                                     dtype=args.extract_dtype)
     if cfg["model_type"] == "ddpm":
         extractors = {t: DDPMFeatureExtractor(base.model, base.diffusion, [t], blocks, base.input_activations,
-                                              base.noise, base.noise_draws) for t in steps}
+                                              base.noise, base.noise_draws, cfg.get("test_views", 1)) for t in steps}
     else:
         extractors = {t: base.at_steps([t]) for t in steps}
     train_items, test_items = load_split(cfg, "train"), load_split(cfg, "test")

@@ -90,7 +90,7 @@ def test_noise_draws_average_single_draws_and_draw_zero_is_the_original_noise():
         mean = sum(s[i] for s in singles) / 3
         assert torch.allclose(fmap, mean, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(fmap, singles[0][i], atol=1e-3)  # the other draws count
-    with pytest.raises(ValueError, match="shared noise holds 3 draws, noise_draws is 2"):
+    with pytest.raises(ValueError, match="shared noise holds 3 draws, noise_draws x test views is 2"):
         DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, noise, noise_draws=2)
 
 

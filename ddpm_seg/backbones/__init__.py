@@ -7,6 +7,10 @@ resolution, in the order the experiment's `dim[-1]` features are concatenated, a
 `dtype` (a torch dtype) the backbone computes in. The feature store, the ensemble and the evaluation never
 look further than that list, so adding a backbone touches only its own file. An extractor may also carry
 `bytes_per_image`, its estimate of one image's working memory, which sizes the default extraction batch.
+
+Every extractor also takes `view=v`: which of the experiment's test views (config `test_views`, the
+interpreter's test-time views of an image) the image is; training features are view 0. A diffusion backbone
+with shared noise gives each view its own noise draws (view 0 has the original's); the others ignore it.
 """
 
 import numpy as np
@@ -59,12 +63,21 @@ def shared_noise(seed: int, draws: int, shape, device) -> torch.Tensor:
     return torch.randn(draws, *shape, generator=generator, device=device)
 
 
-def check_noise_draws(noise, noise_draws: int) -> None:
-    """A diffusion extractor's noise_draws, and its shared noise (None: fresh draws) holding that many."""
+def check_noise_draws(noise, noise_draws: int, views: int = 1) -> None:
+    """A diffusion extractor's noise_draws, and its shared noise (None: fresh draws) holding that many per view."""
     if noise_draws < 1:
         raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
-    if noise is not None and len(noise) != noise_draws:
-        raise ValueError(f"shared noise holds {len(noise)} draws, noise_draws is {noise_draws}")
+    if noise is not None and len(noise) != noise_draws * views:
+        raise ValueError(f"shared noise holds {len(noise)} draws, noise_draws x test views is {noise_draws * views}")
+
+
+def view_noise(noise, noise_draws: int, view: int):
+    """The shared noise draws of one test view (None stays None: fresh draws for every call)."""
+    if noise is None:
+        return None
+    if not 0 <= view < len(noise) // noise_draws:
+        raise ValueError(f"view {view} out of range: the shared noise was drawn for {len(noise) // noise_draws} test views")
+    return noise[view * noise_draws:(view + 1) * noise_draws]
 
 
 def extract_dtype(name: str, device, use_fp16: bool = False) -> torch.dtype:
@@ -112,11 +125,11 @@ def extract_batch_size(requested, bytes_per_image, device) -> int:
     return max(1, min(MAX_EXTRACT_BATCH[torch.device(device).type], fits))
 
 
-def extract_batches(extractor, images, batch_size: int):
+def extract_batches(extractor, images, batch_size: int, view: int = 0):
     """Yield (indices, maps [n, C, h, w]) over `images` (a sequence of uint8 [H, W, 3]), batch_size at a time."""
     for start in range(0, len(images), batch_size):
         chunk = list(range(start, min(start + batch_size, len(images))))
-        yield chunk, extractor(np.stack([images[i] for i in chunk]))
+        yield chunk, extractor(np.stack([images[i] for i in chunk]), view=view)
 
 
 def register(model_type: str):

@@ -6,7 +6,7 @@ import torch
 from guided_diffusion.checkpoint import load_ddpm
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-from . import batch_result, check_noise_draws, image_tensor, register, shared_noise
+from . import batch_result, check_noise_draws, image_tensor, register, shared_noise, view_noise
 
 
 class _StopForward(Exception):
@@ -15,7 +15,7 @@ class _StopForward(Exception):
 
 
 class DDPMFeatureExtractor:
-    def __init__(self, model, diffusion, steps, blocks, input_activations=False, noise=None, noise_draws=1):
+    def __init__(self, model, diffusion, steps, blocks, input_activations=False, noise=None, noise_draws=1, views=1):
         num_blocks = len(model.output_blocks)
         bad_blocks = [b for b in blocks if not 0 <= b < num_blocks]
         if bad_blocks:
@@ -25,12 +25,13 @@ class DDPMFeatureExtractor:
             raise ValueError(f"steps {bad_steps} out of range: the diffusion has timesteps 0..{diffusion.num_timesteps - 1}")
         if not steps or not blocks:
             raise ValueError("a DDPM experiment needs at least one step and one block")
-        check_noise_draws(noise, noise_draws)
+        check_noise_draws(noise, noise_draws, views)
         self.model, self.diffusion = model, diffusion
         self.steps, self.blocks = list(steps), list(blocks)
         self.input_activations = input_activations
         # share_noise: draw k is one seeded noise [3, H, W] for all images and steps, made on the model's device as
         # the original does; its first draw is the original's noise, so noise_draws 1 gives the original features.
+        # Test view v uses draws v * noise_draws ... (v + 1) * noise_draws - 1.
         self.noise, self.noise_draws = noise, noise_draws
         self.bytes_per_image = None  # known after the first call
         self._activations = {}
@@ -48,7 +49,7 @@ class DDPMFeatureExtractor:
         return hook
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray) -> list:
+    def __call__(self, image: np.ndarray, view: int = 0) -> list:
         """uint8 [H, W, 3] -> maps [C, h, w], or [N, H, W, 3] -> maps [N, C, h, w] (float32), step-major:
         [t0: b0 b1 .. | t1: ...], each the mean over noise_draws draws. Every image and step of a draw go
         through one truncated forward."""
@@ -57,10 +58,11 @@ class DDPMFeatureExtractor:
         # Image-major: image i's steps are rows i*S .. i*S+S-1.
         x = x.repeat_interleave(num_steps, dim=0)
         t = torch.tensor(self.steps, device=self.device).repeat(num_images)
+        shared = view_noise(self.noise, self.noise_draws, view)
         sums = None
         for k in range(self.noise_draws):
-            if self.noise is not None:
-                noise = self.noise[k].expand_as(x)  # share_noise: the same noise for every image and step
+            if shared is not None:
+                noise = shared[k].expand_as(x)  # share_noise: the same noise for every image and step
             else:
                 # One draw per image, in image order: the draws N one-image calls would make.
                 noise = torch.cat([torch.randn_like(x[:num_steps]) for _ in range(num_images)])
@@ -106,6 +108,7 @@ def build_ddpm(cfg, model_flags, device, seed, random_init, dtype):
     else:
         model, diffusion = load_ddpm(cfg["model_path"], flags, device)
     model.convert_body(dtype)
-    draws = cfg.get("noise_draws", 1)
-    noise = shared_noise(seed, draws, (3, *cfg["dim"][:2]), device) if cfg["share_noise"] else None
-    return DDPMFeatureExtractor(model, diffusion, cfg["steps"], cfg["blocks"], cfg["input_activations"], noise, draws)
+    draws, views = cfg.get("noise_draws", 1), cfg.get("test_views", 1)
+    noise = shared_noise(seed, draws * views, (3, *cfg["dim"][:2]), device) if cfg["share_noise"] else None
+    return DDPMFeatureExtractor(model, diffusion, cfg["steps"], cfg["blocks"], cfg["input_activations"], noise, draws,
+                                views)

@@ -25,7 +25,7 @@ import urllib.parse
 import numpy as np
 import torch
 
-from . import check_noise_draws, register, shared_noise
+from . import check_noise_draws, register, shared_noise, view_noise
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DENOISERS = ("unet", "transformer")
@@ -199,7 +199,7 @@ def encode_prompt(parts: dict, prompt: str, device) -> dict:
 
 class DiffusersFeatureExtractor:
     def __init__(self, parts: dict, steps, blocks, prompt: str = "", noise_draws: int = 1, noise=None,
-                 model_path: str = "<model>"):
+                 model_path: str = "<model>", views: int = 1):
         self.denoiser = parts["unet"] if "unet" in parts else parts["transformer"]
         self.vae, self.scheduler = parts.get("vae"), parts["scheduler"]
         num_timesteps = self.scheduler.config.num_train_timesteps
@@ -208,7 +208,7 @@ class DiffusersFeatureExtractor:
             raise ValueError(f"steps {bad_steps} out of range: the pipeline has timesteps 0..{num_timesteps - 1}")
         if not steps or not blocks:
             raise ValueError("a diffusers experiment needs at least one step and one block")
-        check_noise_draws(noise, noise_draws)
+        check_noise_draws(noise, noise_draws, views)
         check_module_names(self.denoiser, blocks, model_path)
         self.steps, self.blocks = list(steps), list(blocks)
         self.noise_draws, self.noise = noise_draws, noise
@@ -289,7 +289,7 @@ class DiffusersFeatureExtractor:
         return self._activations
 
     @torch.no_grad()
-    def __call__(self, images: np.ndarray) -> list:
+    def __call__(self, images: np.ndarray, view: int = 0) -> list:
         """uint8 [H, W, 3] -> maps [C, h, w]; uint8 [N, H, W, 3] -> maps [N, C, h, w] (float32), step-major:
         [t0: b0 b1 .. | t1: ...], each the mean over noise_draws draws."""
         single = images.ndim == 3
@@ -302,9 +302,10 @@ class DiffusersFeatureExtractor:
         x0 = x0[None].expand(num_steps, *x0.shape).reshape(num_steps * n, *x0.shape[1:])
         t = torch.tensor(self.steps, device=self.device).repeat_interleave(n)
         kwargs = self._kwargs(len(x0), tuple(x.shape[-2:]))
+        shared = view_noise(self.noise, self.noise_draws, view)
         sums = None
         for k in range(self.noise_draws):
-            noise = self.noise[k].expand_as(x0).to(x0.dtype) if self.noise is not None else torch.randn_like(x0)
+            noise = shared[k].expand_as(x0).to(x0.dtype) if shared is not None else torch.randn_like(x0)
             acts = self._forward(self.scheduler.add_noise(x0, noise, t), t, kwargs, latent_hw)
             maps = [acts[b].float().view(num_steps, n, *acts[b].shape[1:]) for b in self.blocks]
             sums = maps if sums is None else [s + m for s, m in zip(sums, maps)]
@@ -335,7 +336,7 @@ def build_diffusers(cfg, model_flags, device, seed, random_init, dtype):
     for part in parts.values():
         if isinstance(part, torch.nn.Module):
             part.to(device).eval()
-    draws = cfg.get("noise_draws", 1)
-    noise = shared_noise(seed, draws, latent_shape(parts, cfg["dim"][:2]), device) if cfg["share_noise"] else None
+    draws, views = cfg.get("noise_draws", 1), cfg.get("test_views", 1)
+    noise = shared_noise(seed, draws * views, latent_shape(parts, cfg["dim"][:2]), device) if cfg["share_noise"] else None
     return DiffusersFeatureExtractor(parts, cfg["steps"], cfg["blocks"], cfg.get("prompt", ""), draws, noise,
-                                     cfg["model_path"])
+                                     cfg["model_path"], views)

@@ -58,7 +58,7 @@ class MAEFeatureExtractor:
         return self.encoder.cls_token.device
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray) -> list:
+    def __call__(self, image: np.ndarray, view: int = 0) -> list:
         """uint8 [H, W, 3] -> one [embed_dim, H / patch, W / patch] map per block (class token dropped);
         [N, H, W, 3] -> the same maps with a leading batch dimension."""
         x = image_tensor(image, self.device, "imagenet").to(self.encoder.cls_token.dtype)

@@ -108,7 +108,7 @@ class SwAVFeatureExtractor:
         return self.model.conv1.weight.device
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray) -> list:
+    def __call__(self, image: np.ndarray, view: int = 0) -> list:
         """uint8 [H, W, 3] -> maps [C, h, w] (float32) at strides 4, 4, 4, 8, 8, 16, 16, 16, 32;
         [N, H, W, 3] -> the same maps with a leading batch dimension."""
         x = image_tensor(image, self.device, "imagenet").to(self.model.conv1.weight.dtype)
