@@ -56,6 +56,7 @@ FEATURE_SIZES = {"mae": 12288, "swav": 6720, "swav_w2": 13440}
 # native bfloat16, and at 32x32 pixels float32 costs little anywhere.
 INTERPRETER_FLAGS = ["--store", "ram", "--autocast", "none"]
 PICTURE_SCALE = 4  # the 32x32 demo images drawn at 128x128
+LABEL_WIDTH = 36  # pixels a step or mIoU label takes on the curve picture
 
 
 def ddpm_dir(root):
@@ -155,9 +156,14 @@ def save_curve_picture(path, rows, baselines):
         x0, y = xy(lo_x, tick)
         draw.line((x0, y, width - right, y), fill=(225, 225, 225))
         draw.text((8, y - 6), f"{tick:.0f}", fill=(0, 0, 0), font=font)
-    for r, log_step in zip(rows, steps):
+    # A step closer than a label's width to one already labelled (the last step, just after a doubling one) keeps
+    # its point but not its axis label; the last step is labelled first, so it always has one.
+    labelled = []
+    for r, log_step in reversed(list(zip(rows, steps))):
         x, y0 = xy(log_step, lo_y)
-        draw.text((x - 12, y0 + 6), str(r["step"]), fill=(0, 0, 0), font=font)
+        if all(abs(x - other) >= LABEL_WIDTH for other in labelled):
+            draw.text((x - 12, y0 + 6), str(r["step"]), fill=(0, 0, 0), font=font)
+            labelled.append(x)
     draw.text((width // 2 - 40, height - 16), "training steps (log scale)", fill=(0, 0, 0), font=font)
     for (title, miou), colour in zip(baselines.items(), [(128, 128, 128), (200, 120, 0)]):
         x0, y = xy(lo_x, 100 * miou)
@@ -165,9 +171,10 @@ def save_curve_picture(path, rows, baselines):
         draw.text((x0 + 4, y - 12), f"{title} {100 * miou:.1f}", fill=colour, font=font)
     points = [xy(s, 100 * r["miou"]) for r, s in zip(rows, steps)]
     draw.line(points, fill=(0, 90, 200), width=2)
-    for (x, y), r in zip(points, rows):
+    for i, ((x, y), r) in enumerate(zip(points, rows)):
         draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(0, 90, 200))
-        draw.text((x + 5, y - 14), f"{100 * r['miou']:.1f}", fill=(0, 90, 200), font=font)
+        crowded = i + 1 < len(points) and points[i + 1][0] - x < LABEL_WIDTH  # the next value's label would cover it
+        draw.text((x + 5, y + 4 if crowded else y - 14), f"{100 * r['miou']:.1f}", fill=(0, 90, 200), font=font)
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
 
