@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
 from .backbones import (add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_dtype,
-                        memory_per_image)
+                        memory_per_image, view_noise)
 from .backbones.ddpm import DDPMFeatureExtractor
 from .config import check_paths, load_experiment, resolve_model_flags
 from .data import load_split
@@ -100,8 +100,10 @@ def run_sweep(cfg, exp_path, model_flags, args):
     base = create_feature_extractor(dict(cfg, steps=steps, blocks=blocks), model_flags, device, seed=args.seed,
                                     dtype=args.extract_dtype)
     if cfg["model_type"] == "ddpm":
+        # A sweep scores its cells in one view: view 0's noise, the training features'.
+        noise = view_noise(base.noise, base.noise_draws, 0)
         extractors = {t: DDPMFeatureExtractor(base.model, base.diffusion, [t], blocks, base.input_activations,
-                                              base.noise, base.noise_draws, cfg.get("test_views", 1)) for t in steps}
+                                              noise, base.noise_draws) for t in steps}
     else:
         extractors = {t: base.at_steps([t]) for t in steps}
     train_items, test_items = load_split(cfg, "train"), load_split(cfg, "test")
