@@ -42,7 +42,7 @@ from guided_diffusion.script_util import (
 from .backbones import add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_dtype
 from .config import check_paths, load_experiment, resolve_model_flags, run_dir
 from .data import synthetic_dataset_path
-from .interpreter import Interpreter, load_ensemble
+from .interpreter import Interpreter, load_ensemble, run_extract_dtype
 from .utils import atomic_path, check_settings, check_writable, derive_seed, distributed, on_interrupt, progress_bar
 
 INDEX_NAME = "index.json"
@@ -262,17 +262,18 @@ def generate_dataset(args, argv=()):
 
 def _run(cfg, args, flags, opts, rank, world_size, device):
     ensemble_dir = args.run_dir or run_dir(cfg, args.seed)
+    dtype = run_extract_dtype(ensemble_dir, args.extract_dtype)  # label as the run's evaluation did
     size = tuple(cfg["dim"][:2])
     out_path = synthetic_dataset_path(args.out_dir or ensemble_dir, size)
     folder = shard_dir(out_path)
     # num_samples is left out: sample i does not depend on it, so a finished run can be extended.
     settings = {**{k: v for k, v in opts.items() if k != "num_samples"}, "seed": args.seed, "exp": cfg,
                 "model_flags": flags, "ensemble_dir": os.path.abspath(ensemble_dir),
-                "extract_dtype": dtype_name(extract_dtype(args.extract_dtype, device, bool(flags.get("use_fp16"))))}
+                "extract_dtype": dtype_name(extract_dtype(dtype, device, bool(flags.get("use_fp16"))))}
     # Features on the full process the ensemble was trained with; sampling on the (maybe respaced) one.
     # Both are built before anything is written, so a wrong --seed or --run_dir leaves no folder behind.
     extractor = create_feature_extractor(cfg, flags, device, seed=args.seed, config_path=args.exp,
-                                         dtype=args.extract_dtype)
+                                         dtype=dtype)
     interpreter = Interpreter(cfg, extractor, load_ensemble(cfg, ensemble_dir, args.seed, device))
     diffusion = sampling_diffusion(flags)
     chunks = chunk_ranges(opts["num_samples"], opts["batch_size"])

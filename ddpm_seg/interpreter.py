@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backbones import create_feature_extractor, extract_batches
+from .backbones import EXTRACT_DTYPES, create_feature_extractor, extract_batches
 from .class_info import class_table
 from .config import validate_experiment
 from .data import image_to_rgb, resize_image
@@ -55,6 +55,25 @@ def load_ensemble(cfg, folder, seed, device):
                                     "(ddpm-seg train-interpreter --exp <this config>) or pass --run_dir")
         ensemble.load_member(path, m)
     return ensemble.eval()
+
+
+def recorded_extract_dtype(settings, source):
+    """The --extract_dtype name a run folder's features were made in (settings.json's "extract_dtype"); fp32
+    for folders that predate the key (their evaluation extracted in float32)."""
+    name = settings.get("extract_dtype", "fp32")
+    if name not in EXTRACT_DTYPES:
+        raise ValueError(f"{source}: extract_dtype must be one of {sorted(EXTRACT_DTYPES)}, got {name!r}")
+    return name
+
+
+def run_extract_dtype(run_dir, requested):
+    """--extract_dtype for a command that segments with the members of `run_dir`: `requested` unless it is
+    "auto", then the precision the run was evaluated in (its settings.json), so that the command writes the
+    labels the evaluation wrote. A folder without settings.json keeps "auto"."""
+    path = os.path.join(run_dir, SETTINGS_NAME)
+    if requested != "auto" or not os.path.isfile(path):
+        return requested
+    return recorded_extract_dtype(read_json_object(path, "run settings"), path)
 
 
 def as_rgb(image) -> np.ndarray:
@@ -131,10 +150,13 @@ class Interpreter:
         self.views = cfg.get("test_views", 1)
 
     @classmethod
-    def load(cls, run_dir, model_path=None, device="auto"):
+    def load(cls, run_dir, model_path=None, device="auto", extract_dtype=None):
         """The interpreter of a train-interpreter run folder (.../seed_<N>/): its settings.json holds the
-        config, the model flags, the seed and random_init; model_{i}.pth the members. `model_path` replaces
-        the backbone checkpoint path recorded there (a run folder copied to another machine)."""
+        config, the model flags, the seed, random_init and the backbone's precision; model_{i}.pth the
+        members. `model_path` replaces the backbone checkpoint path recorded there (a run folder copied to
+        another machine). The backbone computes in the precision the run's evaluation used (so an image gets
+        the labels the evaluation wrote, whatever this CPU would choose by itself), unless `extract_dtype`
+        names another (an --extract_dtype name)."""
         path = os.path.join(run_dir, SETTINGS_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{run_dir!r} is not a train-interpreter run folder: it has no {SETTINGS_NAME}")
@@ -157,7 +179,8 @@ class Interpreter:
                                     "not exist here; pass its path (--model_path, or Interpreter.load(..., model_path=))")
         device = resolve_device(device)
         extractor = create_feature_extractor(cfg, settings["model_flags"], device, seed=seed,
-                                             random_init=settings["random_init"])
+                                             random_init=settings["random_init"],
+                                             dtype=extract_dtype or recorded_extract_dtype(settings, path))
         return cls(cfg, extractor, load_ensemble(cfg, run_dir, seed, device))
 
     def features(self, images, view=0):

@@ -39,10 +39,19 @@ def resolve_device(name: str = "auto") -> torch.device:
 # The CPU flags of native bfloat16 arithmetic. Without them oneDNN emulates bf16: measured 15-50x slower
 # than float32 on an AVX2-only CPU (AMD EPYC, 2 cores), convolutions and matmuls alike.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# Set to 1 or 0, this overrides the flags: a CPU is treated as having native bf16 or not, so that every "auto"
+# precision choice (--extract_dtype, --autocast, --store_dtype) is the one another machine would make.
+NATIVE_BF16_ENV = "DDPM_SEG_CPU_BF16"
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16), from /proc/cpuinfo's flags."""
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16), from /proc/cpuinfo's flags, unless
+    the environment variable DDPM_SEG_CPU_BF16 is 1 (yes) or 0 (no)."""
+    override = os.environ.get(NATIVE_BF16_ENV, "")
+    if override in ("0", "1"):
+        return override == "1"
+    if override:
+        raise ValueError(f"environment variable {NATIVE_BF16_ENV} must be 0 or 1, got {override!r}")
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

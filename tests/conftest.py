@@ -13,6 +13,21 @@ REFERENCE_DIR = os.path.join(os.path.dirname(ROOT), "shared", "reference")
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 from scenes import write_splits  # noqa: E402
 
+from ddpm_seg.utils import NATIVE_BF16_ENV  # noqa: E402
+
+# Every "auto" precision choice follows the CPU's bf16 flags. The suite takes the float32 branch on every machine
+# (here and in the commands the tests start as subprocesses); tests of the bf16 branch ask for `cpu_bf16`.
+os.environ[NATIVE_BF16_ENV] = "0"
+
+
+@pytest.fixture(params=["0", "1"], ids=["cpu_fp32", "cpu_bf16"])
+def cpu_branch(request, monkeypatch):
+    """Runs a test twice: as on a CPU without native bf16, then as on one with it (AMX, AVX512-BF16), whatever
+    this machine has. Yields whether the CPU counts as having native bf16."""
+    monkeypatch.setenv(NATIVE_BF16_ENV, request.param)
+    yield request.param == "1"
+
+
 # One intra-op thread: the tests use small tensors, and OpenMP threads that spin on a busy 2-core
 # machine make small ops up to 10x slower.
 torch.set_num_threads(1)

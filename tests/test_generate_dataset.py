@@ -105,10 +105,12 @@ def test_npz_opens_as_the_original_expects(experiment, tmp_path):
     assert os.listdir(tmp_path / "samples_16x16x3_shards") == ["index.json"]
 
 
-def test_labels_are_those_of_a_real_image_with_that_pixels(experiment, tmp_path):
+def test_labels_are_those_of_a_real_image_with_that_pixels(experiment, tmp_path, cpu_branch):
     exp, cfg = experiment
     images, labels, scores = _arrays(_generate(_argv(exp, tmp_path))["path"])
-    extractor = create_feature_extractor(cfg, TINY, torch.device("cpu"), seed=0)
+    # The members' folder records no precision: both pick the CPU's --extract_dtype auto.
+    extractor = create_feature_extractor(cfg, TINY, torch.device("cpu"), seed=0, dtype="auto")
+    assert extractor.model.dtype == (torch.bfloat16 if cpu_branch else torch.float32)
     ensemble = MLPEnsemble(cfg["dim"][2], 3, 2)
     for m in range(2):
         ensemble.load_member(os.path.join(run_dir(cfg, 0), f"model_{m}.pth"), m)
