@@ -20,6 +20,7 @@ from guided_diffusion.checkpoint import mismatch_report, safe_load
 from .utils import atomic_torch_save, derive_seed, keep_freed_memory, progress_bar
 
 PAPER_BATCH, PAPER_LR = 64, 1e-3  # pixels per member per step, Adam learning rate
+PATIENCE = 50  # the original stopping rule: batches without a new best loss before a member stops
 # Our layer name -> index of the same layer in the original nn.Sequential (`module.layers.<i>`).
 OFFICIAL_LAYERS = {"fc1": 0, "bn1": 2, "fc2": 3, "bn2": 5, "fc3": 6}
 
@@ -265,6 +266,8 @@ def train_ensemble(
     members=None,
     device=None,
     matmul_dtype=None,
+    pixel_fraction=1.0,
+    steps=None,
     on_member_done=None,
     progress=True,
 ):
@@ -276,7 +279,10 @@ def train_ensemble(
     increments it, and the member stops once the counter exceeds 50, or after max_epochs.
     on_member_done(m) is called as each member stops (save it there); members not listed are left
     untouched. matmul_dtype (e.g. torch.bfloat16) is the dtype of the first layer's matmuls, which
-    hold nearly all the FLOPs; None keeps the weights' dtype. lr None means scaled_lr(batch_size). Returns {m: {"steps", "epoch", "best_loss"}}.
+    hold nearly all the FLOPs; None keeps the weights' dtype. lr None means scaled_lr(batch_size). An epoch
+    serves a fresh random pixel_fraction of the labelled pixels (1: all of them, the original epoch). With
+    `steps` every member trains exactly that many steps instead (no stopping rule).
+    Returns {m: {"steps", "epoch", "best_loss"}}.
     """
     keep_freed_memory()
     if device is not None:
@@ -293,7 +299,7 @@ def train_ensemble(
     if used.min() < 0 or used.max() >= ensemble.num_classes:
         raise ValueError(f"labels must lie in [0, {ensemble.num_classes}) or be ignored, found {used.min().item()}..{used.max().item()}")
 
-    streams = {m: sampler.stream(member_seed(seed, m), batch_size) for m in members}
+    streams = {m: sampler.stream(member_seed(seed, m), batch_size, pixel_fraction) for m in members}
     stats = {m: {"steps": 0, "epoch": 0, "best_loss": 10000000.0} for m in members}  # original starts at 1e7
     patience = {m: 0 for m in members}
     # The fused kernel updates all members' 10M+ parameters in one pass: ~10x faster than the per-tensor
@@ -303,15 +309,18 @@ def train_ensemble(
                                  and device.type in ("cpu", "cuda"))
     ensemble.train()
     active = list(members)
-    # In a redirected log (not a terminal) the bar writes a line a minute, and a plain summary line closes it.
+    # Steps, with the epoch, the members still training and the loss beside them. Members stop by the original
+    # rule from epoch index 4 on, mostly within the fifth epoch: the bar's total is 5 epochs of steps, and grows
+    # by one epoch whenever training goes past it. In a redirected log it writes a line a minute, and a plain
+    # summary line closes it.
     on_terminal = sys.stderr.isatty()
-    bar = progress_bar(total=len(members), desc="members done", disable=not progress)
+    epoch_steps = sampler.steps_per_epoch(batch_size, pixel_fraction)
+    bar = progress_bar(total=5 * epoch_steps if steps is None else steps, desc="train ensemble", unit="step", disable=not progress)
     start, last_loss = time.time(), float("nan")
 
     def finish(m):
         active.remove(m)
         _freeze_member(optimizer, m)
-        bar.update(1)
         if on_member_done is not None:
             on_member_done(m)
 
@@ -341,16 +350,24 @@ def train_ensemble(
 
         for m, loss in zip(list(active), losses.tolist()):
             stats[m]["steps"] += 1
-            if stats[m]["epoch"] > 3:
+            if steps is not None:
+                if stats[m]["steps"] >= steps:
+                    finish(m)
+            elif stats[m]["epoch"] > 3:
                 if loss < stats[m]["best_loss"]:
                     stats[m]["best_loss"], patience[m] = loss, 0
                 else:
                     patience[m] += 1
-                if patience[m] > 50:
+                if patience[m] > PATIENCE:
                     finish(m)
         # refresh=False: the postfix is shown at the bar's next (rate-limited) redraw, not one record per step.
         last_loss = losses.mean().item()
-        bar.set_postfix(loss=f"{last_loss:.4f}", epoch=max(s["epoch"] for s in stats.values()), refresh=False)
+        epoch = max(s["epoch"] for s in stats.values())
+        if bar.n + 1 > bar.total:
+            bar.total += epoch_steps
+        bar.set_postfix(epoch=epoch + 1, training=f"{len(active)}/{len(members)}", loss=f"{last_loss:.4f}",
+                        refresh=False)
+        bar.update(1)
     bar.close()
     if progress and not on_terminal:
         print(f"trained members {members} in {time.time() - start:.0f} s: up to {max(s['steps'] for s in stats.values())} "

@@ -12,6 +12,7 @@ Storage is channels-last and grouped by resolution: all maps of one size share a
 
 import copy
 import errno
+import math
 import os
 
 import numpy as np
@@ -300,22 +301,35 @@ class PixelSampler:
     def __len__(self):
         return self.valid.numel()
 
-    def stream(self, seed, batch_size):
+    def stream(self, seed, batch_size, fraction=1.0):
         """Endless (epoch, flat pixel indices) batches: each epoch is a fresh shuffle of all
-        labelled pixels, every one exactly once. A final batch of a single pixel joins the one
+        labelled pixels, every one exactly once, of which the first ceil(fraction x count) are served
+        (fraction 1: all, the original epoch). A final batch of a single pixel joins the one
         before it, because batch norm cannot train on one sample."""
         if batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (batch norm needs 2 samples), got {batch_size}")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction of pixels per epoch must lie in (0, 1], got {fraction}")
+        count = self.epoch_size(fraction)
         gen = torch.Generator().manual_seed(seed)
         epoch = 0
         while True:
-            order = self.valid[torch.randperm(self.valid.numel(), generator=gen)]
+            order = self.valid[torch.randperm(self.valid.numel(), generator=gen)[:count]]
             batches = list(order.split(batch_size))
             if len(batches) > 1 and batches[-1].numel() == 1:
                 batches[-2:] = [torch.cat(batches[-2:])]
             for batch in batches:
                 yield epoch, batch
             epoch += 1
+
+    def epoch_size(self, fraction=1.0):
+        """Pixels one epoch of stream(..., fraction) serves."""
+        return min(self.valid.numel(), max(2, math.ceil(fraction * self.valid.numel())))
+
+    def steps_per_epoch(self, batch_size, fraction=1.0):
+        """Batches one epoch of stream(seed, batch_size, fraction) yields."""
+        count = self.epoch_size(fraction)
+        return count // batch_size + (count % batch_size > 1)
 
     def lookup(self, idx):
         """(img, ys, xs, label) LongTensors for flat pixel indices idx."""
