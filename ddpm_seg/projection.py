@@ -46,10 +46,11 @@ def fit_projection(store, width, seed=0, fit_rows=FIT_ROWS):
         rows = table.reshape(-1, table.shape[-1])
         if rows.shape[0] > fit_rows:
             rows = rows[torch.randperm(rows.shape[0], generator=generator)[:fit_rows].sort().values]
-        rows = rows.to("cpu", torch.float32)
-        mean = rows.mean(0)
-        centred = rows - mean
+        centred = rows.to("cpu", torch.float32, copy=True)
+        mean = centred.mean(0)
+        centred -= mean
         covariance = centred.t() @ centred
+        del centred
         k = min(width, table.shape[-1])
         bases.append(top_eigenvectors(covariance, k, generator))
         means.append(mean)
@@ -72,7 +73,7 @@ def top_eigenvectors(matrix, k, generator, iterations=6, spare=16):
 
 
 @torch.no_grad()
-def project_store(store, projection, chunk=65536):
+def project_store(store, projection, chunk=4096):
     """A RAM FeatureStore of the projected features: one map per table, [k_t, h_t, w_t], in store's dtype."""
     shapes = [(k, h, w) for k, (h, w) in zip(projection.widths, store.table_sizes)]
     out = FeatureStore(shapes, store.image_size, store.num_images, dtype=store.dtype)
@@ -80,8 +81,9 @@ def project_store(store, projection, chunk=65536):
         source = table.reshape(-1, table.shape[-1])
         target = out._tables[t].view(-1, basis.shape[1])
         for begin in range(0, source.shape[0], chunk):
-            block = source[begin:begin + chunk].to("cpu", torch.float32)
-            target[begin:begin + chunk] = ((block - mean) @ basis).to(store.dtype)
+            # chunk rows at a time: a float32 copy of a whole table would be the run's peak memory.
+            block = source[begin:begin + chunk].to("cpu", torch.float32, copy=True)
+            target[begin:begin + chunk] = (block.sub_(mean) @ basis).to(store.dtype)
     out._complete[:] = True
     return out
 

@@ -29,10 +29,11 @@ from .backbones import (add_extraction_args, create_feature_extractor, dtype_nam
 from .backbones.ddpm import DDPMFeatureExtractor
 from .config import check_paths, load_experiment, resolve_model_flags
 from .data import load_split
-from .ensemble import MLPEnsemble, train_ensemble
+from .ensemble import MLPEnsemble
 from .evaluate import ConfusionMatrix
 from .feature_store import FeatureStore
 from .interpreter import segment_maps
+from .recipe import RECIPES, make_recipe, train_members
 from .training import (AUTOCAST, add_precision_args, extract_training_store, resolve_autocast, store_dtype_name,
                        training_sampler)
 from .utils import atomic_path, check_settings, progress_bar, resolve_device, seed_everything
@@ -130,9 +131,9 @@ def run_sweep(cfg, exp_path, model_flags, args):
             channels, h, w = store.map_shapes[k]
             cell_store = single_map_store(store, k)
             ensemble = MLPEnsemble(channels, cfg["number_class"], args.members, seed=args.seed).to(device)
-            train_ensemble(ensemble, cell_store if device.type == "cpu" else cell_store.to(device), sampler,
-                           seed=args.seed, batch_size=cfg["batch_size"], device=device,
-                           matmul_dtype=AUTOCAST[args.autocast], progress=False, **limits)
+            recipe = make_recipe(args.recipe, [(channels, h, w)], store.image_size, config_batch=cfg["batch_size"])
+            train_members(ensemble, cell_store, sampler, recipe, seed=args.seed, device=device,
+                          matmul_dtype=AUTOCAST[args.autocast], progress=False, **limits)
             ensembles[t, b] = ensemble
             cells.append({"step": t, "block": b, "channels": channels, "resolution": (h, w)})
             bar.update(1)
@@ -250,6 +251,9 @@ def add_args(parser):
     parser.add_argument("--blocks", default=None, help="UNet output blocks, e.g. 0-17 or 5,6,8-12; module names for "
                                                        "diffusers, e.g. up_blocks.1,up_blocks.2 (default: the config's)")
     parser.add_argument("--members", type=int, default=1, help="ensemble members per cell")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="fast",
+                        help="how each cell's members train, as train-interpreter's --recipe (with its default batch, "
+                             "epochs and projection width)")
     parser.add_argument("--max_epochs", type=int, default=None,
                         help="cap on each member's epochs (default: train-interpreter's; cells then match it)")
     parser.add_argument("--seed", type=int, default=0)

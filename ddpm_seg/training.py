@@ -20,10 +20,10 @@ from .backbones import (add_extraction_args, create_feature_extractor, dtype_nam
                         extract_dtype, memory_per_image)
 from .config import check_paths, run_dir
 from .data import load_split
-from .ensemble import PATIENCE, MLPEnsemble, scaled_lr, train_ensemble
+from .ensemble import MLPEnsemble
 from .feature_store import FeatureStore, PixelSampler
 from .interpreter import SETTINGS_NAME, Interpreter, evaluate, member_path
-from .projection import fit_projection, fold_member, project_store
+from .recipe import FAST_EPOCHS, PROJECTION_WIDTH, RECIPES, make_recipe, train_members
 from .utils import (atomic_write_json, available_memory_bytes, check_settings, check_writable, fast_bf16, progress_bar,
                     read_json_object, resolve_device, seed_everything)
 
@@ -31,23 +31,6 @@ AUTOCAST = {"none": None, "bf16": torch.bfloat16}
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # RAM store only while the features take less than this share of the memory available now.
 RAM_STORE_SHARE = 0.5
-RECIPES = ("fast", "paper")
-FAST_BATCH = 1024  # pixels per member per step under --recipe fast
-PROJECTION_WIDTH = 256  # principal directions kept per resolution table under --recipe fast
-# Under --recipe fast every member trains FAST_EPOCHS epochs and PATIENCE + 1 steps: the shortest run the
-# original stopping rule allows (it compares batch losses from epoch index 4 on and stops after 50 without a new
-# best), and on the demo's validation split within 0.5 mIoU of that rule (which stops most members in the fifth).
-FAST_EPOCHS = 4
-
-
-def pixel_fraction(recipe, map_shapes, image_size):
-    """Share of the labelled pixels an epoch serves: under the fast recipe the finest map's positions per image
-    pixel (a 128x128 map under a 256x256 image: a quarter), since no feature varies faster; 1 (every pixel)
-    under the paper's."""
-    if recipe == "paper":
-        return 1.0
-    finest = max(h * w for _, h, w in map_shapes)
-    return min(1.0, finest / (image_size[0] * image_size[1]))
 
 
 def add_args(parser):
@@ -194,17 +177,9 @@ def run(cfg, exp_path, model_flags, args):
     args.autocast = resolve_autocast(args.autocast, device)
     folder = args.run_dir or run_dir(cfg, args.seed, args.random_init)
     check_paths(cfg, ["training_path", "testing_path"] + ([] if args.random_init else ["model_path"]), exp_path)
-    batch_size = args.batch_size
-    if batch_size is None:
-        batch_size = cfg["batch_size"] if args.recipe == "paper" else FAST_BATCH
-    if batch_size < 2:
-        raise ValueError(f"--batch_size must be at least 2 (batch norm needs 2 pixels), got {batch_size}")
-    lr = scaled_lr(batch_size) if args.lr is None else args.lr
-    if not lr > 0:
-        raise ValueError(f"--lr must be positive, got {lr}")
-    if args.epochs < 0 or args.projection_width < 0:
-        raise ValueError(f"--epochs and --projection_width must be >= 0 (0: the paper's stopping rule, no projection), "
-                         f"got {args.epochs} and {args.projection_width}")
+    # The recipe is checked before anything is extracted; its pixel share needs the map shapes (below).
+    make_recipe(args.recipe, [(1, 1, 1)], (1, 1), args.batch_size, args.lr, args.epochs, args.projection_width,
+                cfg["batch_size"])
 
     # Everything that can fail on bad input (config, labels, feature size, an unwritable folder) happens
     # before the first write, so a corrected rerun is not refused for "other settings".
@@ -226,15 +201,13 @@ def run(cfg, exp_path, model_flags, args):
         first_maps = extractor(train_items[0].image)
         check_feature_size(cfg, first_maps, exp_path)
         sampler = training_sampler(cfg, train_items)  # refuses labels with fewer than 2 labelled pixels
-        fraction = pixel_fraction(args.recipe, [m.shape for m in first_maps], sampler.image_size)
-        width = args.projection_width if args.recipe == "fast" and args.projection_width > 0 else None
-        epochs = args.epochs if args.recipe == "fast" and args.epochs > 0 else None
+        recipe = make_recipe(args.recipe, [m.shape for m in first_maps], sampler.image_size, args.batch_size,
+                             args.lr, args.epochs, args.projection_width, cfg["batch_size"])
         os.makedirs(folder, exist_ok=True)
         # Members and the feature cache are only resumed with the settings that made them.
         check_settings(os.path.join(folder, SETTINGS_NAME),
                        {"config": cfg, "model_flags": model_flags, "seed": args.seed, "random_init": args.random_init,
-                        "store_dtype": store_dtype_name(args), "autocast": args.autocast, "recipe": args.recipe,
-                        "batch_size": batch_size, "lr": lr, "pixel_fraction": fraction, "projection_width": width, "epochs": epochs,
+                        "store_dtype": store_dtype_name(args), "autocast": args.autocast, **recipe.settings(),
                         "extract_dtype": extract_dtype_name}, write=True)
         atomic_write_json(os.path.join(folder, os.path.basename(exp_path)), cfg)
         atomic_write_json(os.path.join(folder, "model_flags.json"), model_flags)
@@ -246,30 +219,15 @@ def run(cfg, exp_path, model_flags, args):
         timings["extract_batch"] = extract_batch
         print(f"{len(train_items)} training images, {len(sampler)} labelled pixels, {store.num_features} features "
               f"per pixel, store {store.nbytes / 2**30:.2f} GiB ({'disk' if store.root else 'RAM'}); "
-              f"training members {todo}, batch {batch_size}, lr {lr:g}")
+              f"training members {todo}, recipe {recipe.name}, batch {recipe.batch_size}, lr {recipe.lr:g}")
         start = time.time()
-        trainee, train_store, save = ensemble, store, lambda m: ensemble.save_member(member_path(folder, m), m)
-        if width is not None:
-            projection = fit_projection(store, width, seed=args.seed)
-            train_store = project_store(store, projection)
-            trainee = MLPEnsemble(train_store.num_features, cfg["number_class"], cfg["model_num"], seed=args.seed)
-
-            def save(m):
-                fold_member(ensemble, trainee, projection, store.blocks, m)
-                ensemble.save_member(member_path(folder, m), m)
-            timings["project_s"] = time.time() - start
-            print(f"features projected to {train_store.num_features} principal directions "
-                  f"({' + '.join(map(str, projection.widths))} over {len(projection.widths)} resolutions) in "
-                  f"{timings['project_s']:.1f} s; each epoch serves {100 * fraction:.3g}% of the labelled pixels")
-        # A RAM store goes to the GPU whole for fast gathers; a disk store was chosen because it does not fit.
-        on_device = train_store if device.type == "cpu" or train_store.root else train_store.to(device)
-        stats = train_ensemble(trainee, on_device, sampler, seed=args.seed,
-                               batch_size=batch_size, lr=lr, members=todo, device=device,
-                               matmul_dtype=AUTOCAST[args.autocast], pixel_fraction=fraction, on_member_done=save,
-                               steps=None if epochs is None else epochs * sampler.steps_per_epoch(batch_size, fraction) + PATIENCE + 1)
+        stats, train_timings = train_members(ensemble, store, sampler, recipe, seed=args.seed, members=todo,
+                                             device=device, matmul_dtype=AUTOCAST[args.autocast],
+                                             on_member_done=lambda m: ensemble.save_member(member_path(folder, m), m))
+        timings.update(train_timings)
         timings["train_ensemble_s"] = time.time() - start
         timings["member_steps"] = {m: stats[m]["steps"] for m in todo}
-        del store, train_store, on_device
+        del store
         shutil.rmtree(store_root, ignore_errors=True)  # a cache for resuming; the members are what we keep
     for m in range(cfg["model_num"]):
         ensemble.load_member(member_path(folder, m), m)

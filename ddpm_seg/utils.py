@@ -62,6 +62,24 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def cpu_model() -> str:
+    """This CPU's model name and its widest matmul feature (amx_bf16, avx512_bf16, avx512f or avx2), from
+    /proc/cpuinfo, for figures that depend on it; "unknown CPU" where it cannot be read."""
+    name, flags = "unknown CPU", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = value.split()
+    except OSError:
+        pass
+    widest = next((flag for flag in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if flag in flags), "no AVX2")
+    return f"{name} ({os.cpu_count()} cores, {widest})"
+
+
 def fast_bf16(device) -> bool:
     """Whether bfloat16 matmuls pay on `device`: on CUDA, and on CPUs with native bf16."""
     return torch.device(device).type == "cuda" or cpu_has_native_bf16()

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from ddpm_seg import bench
-from ddpm_seg.ensemble import MLPEnsemble, predict_logits
+from ddpm_seg.ensemble import MLPEnsemble, predict_logits, train_ensemble
+from ddpm_seg.feature_store import FeatureStore, PixelSampler
 from ddpm_seg.evaluate import majority_vote
 
-E2E_TARGETS = ("e2e_wall", "e2e_peak_rss", "extract_speedup")
+E2E_TARGETS = ("e2e_wall", "e2e_peak_rss", "extract_speedup", "e2e_train_speedup")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def test_small_bench_reports_every_phase(small_run, capsys):
 def test_table_has_a_row_per_phase(small_run):
     table = bench.format_table(small_run)
     lines = table.splitlines()
-    assert lines[0].startswith("phase") and [line.split()[0] for line in lines[2:]] == list(bench.DEFAULT_PHASES)
+    assert lines[0] == f"CPU: {small_run['cpu']}" and lines[1].startswith("phase")
+    assert [line.split()[0] for line in lines[3:]] == list(bench.DEFAULT_PHASES)
 
 
 def test_original_formula():
@@ -91,11 +93,13 @@ def test_synthetic_task_is_deterministic_and_labels_follow_the_teacher():
     assert task.labels(a).unique().numel() > 1
 
 
-def test_fixed_step_sampler_trains_exactly_that_many_steps():
+def test_fixed_steps_train_every_member_exactly_that_many_steps():
     labels = torch.randint(0, 3, (1, 8, 8))
-    sampler = bench.FixedStepSampler(labels, 5)
-    stream = list(sampler.stream(0, 16))
-    assert [epoch for epoch, _ in stream] == [0] * 5 + [1]  # 64 pixels = 4 batches, but epochs stay 0
+    store = FeatureStore([(4, 4, 4)], (8, 8), 1)
+    store.put(0, [torch.randn(4, 4, 4)])
+    stats = train_ensemble(MLPEnsemble(4, 3, 2), store, PixelSampler(labels), seed=0, batch_size=16, steps=9,
+                           progress=False)
+    assert [s["steps"] for s in stats.values()] == [9, 9] and stats[0]["epoch"] == 2  # 64 pixels: 4 batches an epoch
 
 
 def test_bad_arguments_are_refused():
@@ -123,11 +127,23 @@ def test_e2e_runs_train_interpreter_end_to_end_at_toy_size(tmp_path):
     steps = len(bench.E2E_SMALL["steps"])
     assert orig["extract_train_s"] == pytest.approx(2 * steps * orig["forward_s"])
     assert orig["evaluate_s"] == pytest.approx(2 * steps * orig["forward_s"])
-    assert orig["train_ensemble_s"] == pytest.approx(e["pixel_presentations"] / orig["train_pixels_per_s"])
-    assert e["pixel_presentations"] == sum(ours["member_steps"]) * 256
+    # The original is billed the shortest run of its stopping rule: 4 epochs over every labelled pixel and 51 steps.
+    assert ours["labelled_pixels"] == 2 * 32 * 32 and ours["batch_size"] == 256
+    assert e["pixel_presentations"]["original"] == 2 * (4 * ours["labelled_pixels"] + 51 * 64)
+    assert orig["train_ensemble_s"] == pytest.approx(e["pixel_presentations"]["original"] / orig["train_pixels_per_s"])
+    assert e["pixel_presentations"]["ours"] == sum(ours["member_steps"]) * 256
+    assert "--recipe fast" in ours["command"] and ours["project_s"] > 0
+    # The fast recipe: 4 epochs of the finest map's share of the pixels (block 5 of the tiny UNet is at the
+    # image's 32x32: all 2048, 8 steps of 256) and 51 steps.
+    assert ours["member_steps"] == [4 * 8 + 51] * 2
     assert e["extract_speedup"] == pytest.approx(steps * orig["forward_s"] / (ours["extract_train_s"] / 2))
     assert set(E2E_TARGETS) <= set(r["targets"])
-    assert [line.split()[0] for line in bench.format_table(r).splitlines()[2:]] == ["e2e"] * 5
+    table = bench.format_table(r).splitlines()
+    assert table[0] == f"CPU: {r['cpu']}" and [line.split()[0] for line in table[3:]] == ["e2e"] * 5
+    # 4 of bedroom_28's 60 images on a CPU without AMX: 4/60 of 30 minutes.
+    assert r["targets"]["e2e_wall"]["target"] == f"<= {bench.e2e_wall_target(dict(r, cpu='x (avx2)')):g}" or "amx" in r["cpu"]
+    assert bench.e2e_wall_target(dict(r, cpu="x (avx2)")) == pytest.approx(120)
+    assert bench.e2e_wall_target(dict(r, cpu="x (amx_bf16)")) == pytest.approx(40)
 
 
 def test_e2e_feature_count_is_the_papers():

@@ -265,7 +265,7 @@ def test_ctrl_c_in_train_interpreter_says_what_was_saved_and_exits_130(experimen
         on_member_done(0)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ddpm_seg.training.train_ensemble", train_one_then_ctrl_c)
+    monkeypatch.setattr("ddpm_seg.recipe.train_ensemble", train_one_then_ctrl_c)
     code, err = run_cli(monkeypatch, capsys, "train-interpreter", "--exp", str(path), "--device", "cpu",
                         "--store", "disk")
     folder = os.path.join(cfg["exp_dir"], "10_30_2_5", "seed_0")
