@@ -33,7 +33,7 @@ from .evaluate import ConfusionMatrix
 from .train_ddpm import doubling_step, train_ddpm, train_ddpm_defaults
 from .training import add_args as add_interpreter_args
 from .training import run as run_interpreter
-from .utils import atomic_path, atomic_write_json
+from .utils import atomic_path, atomic_write_json, seed_arg
 from .visualize import colorize, save_panels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,7 +202,7 @@ def main(argv=None):
     parser.add_argument("--root", default=".", help="folder under which datasets/, checkpoints/ and "
                                                      "pixel_classifiers/ are written (default: here)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--backbones", default="", help="also run these at random init: comma list of mae,swav,swav_w2")
     parser.add_argument("--retrain", action="store_true",
                         help="train the demo DDPM here from scratch (the shipped one's recipe) instead of using "

@@ -43,7 +43,8 @@ from .backbones import add_extraction_args, create_feature_extractor, dtype_name
 from .config import check_paths, load_experiment, resolve_model_flags, run_dir
 from .data import synthetic_dataset_path
 from .interpreter import Interpreter, load_ensemble, run_extract_dtype
-from .utils import atomic_path, check_settings, check_writable, derive_seed, distributed, on_interrupt, progress_bar
+from .utils import (atomic_path, check_settings, check_writable, derive_seed, distributed, on_interrupt, progress_bar,
+                    seed_arg)
 
 INDEX_NAME = "index.json"
 LOCK_NAME = "lock"
@@ -56,7 +57,7 @@ def sampling_defaults():
 
 def add_args(parser):
     parser.add_argument("--exp", required=True, help="experiment config, e.g. experiments/bedroom_28/datasetDDPM.json")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=seed_arg, default=0,
                         help="seed of the trained ensemble run (its folder and its shared feature noise)")
     parser.add_argument("--run_dir", default=None, help="the ensemble's folder (default <exp_dir>/<suffix>/seed_<seed>)")
     parser.add_argument("--out_dir", default=None, help="where the .npz goes (default: the ensemble's folder)")

@@ -36,7 +36,7 @@ from .interpreter import segment_maps
 from .recipe import RECIPES, make_recipe, train_members
 from .training import (AUTOCAST, add_precision_args, extract_training_store, resolve_autocast, store_dtype_name,
                        training_sampler)
-from .utils import atomic_path, check_settings, progress_bar, resolve_device, seed_everything
+from .utils import atomic_path, check_settings, progress_bar, resolve_device, seed_arg, seed_everything
 from .visualize import heatmap
 
 CSV_COLUMNS = ("step", "block", "channels", "resolution", "miou")
@@ -256,7 +256,7 @@ def add_args(parser):
                              "epochs and projection width)")
     parser.add_argument("--max_epochs", type=int, default=None,
                         help="cap on each member's epochs (default: train-interpreter's; cells then match it)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     parser.add_argument("--out", default=None, help="output folder (default <exp_dir>/sweep)")
     parser.add_argument("--store", choices=["auto", "ram", "disk"], default="auto",

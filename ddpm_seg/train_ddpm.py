@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -224,6 +225,10 @@ def _resolve_options(args):
     for name in ("batch_size", "log_interval", "save_interval"):
         if getattr(opts, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(opts, name)}")
+    if not opts.lr > 0 or not math.isfinite(opts.lr):
+        raise ValueError(f"--lr must be a positive number, got {opts.lr}")
+    if opts.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {opts.seed}")
     if opts.lr_cooldown_steps and not 0 < opts.lr_cooldown_steps <= opts.max_steps:
         raise ValueError(f"--lr_cooldown_steps must be between 1 and --max_steps ({opts.max_steps}), "
                          f"got {opts.lr_cooldown_steps}")

@@ -44,14 +44,14 @@ from .data import list_images, load_labelled_folder, resize_image, resize_label,
 from .deeplab import DEEPLABS, EXPERIMENT_NAME, build_deeplab
 from .evaluate import ConfusionMatrix, iou_metrics
 from .utils import (atomic_torch_save, atomic_write_json, check_settings, check_writable, derive_seed, distributed,
-                    progress_bar, seed_everything)
+                    progress_bar, seed_arg, seed_everything)
 
 SETTINGS_NAME = "settings.json"
 
 
 def add_args(parser):
     parser.add_argument("--exp", required=True, help="experiment config, e.g. experiments/bedroom_28/datasetDDPM.json")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=seed_arg, default=0,
                         help="training seed; also picks the default data (the seed_<seed> ensemble's samples)")
     parser.add_argument("--data_path", default="",
                         help="synthetic .npz (default: samples_<H>x<W>x3.npz in <exp_dir>/<steps_blocks>/seed_<seed>)")

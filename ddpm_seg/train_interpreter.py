@@ -15,9 +15,12 @@ from .utils import on_interrupt
 
 def parse_seeds(text):
     try:
-        return [int(s) for s in text.split(",")]
+        seeds = [int(s) for s in text.split(",")]
     except ValueError:
-        raise ValueError(f"--seeds must be a comma list of integers like 0,1,2, got {text!r}") from None
+        seeds = [-1]
+    if min(seeds) < 0:
+        raise ValueError(f"--seeds must be a comma list of integers >= 0 like 0,1,2, got {text!r}")
+    return seeds
 
 
 def main(argv):

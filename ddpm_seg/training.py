@@ -25,7 +25,7 @@ from .feature_store import FeatureStore, PixelSampler
 from .interpreter import SETTINGS_NAME, Interpreter, evaluate, member_path
 from .recipe import FAST_EPOCHS, PROJECTION_WIDTH, RECIPES, make_recipe, train_members
 from .utils import (atomic_write_json, available_memory_bytes, check_settings, check_writable, fast_bf16, progress_bar,
-                    read_json_object, resolve_device, seed_everything)
+                    read_json_object, resolve_device, seed_arg, seed_everything)
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -35,7 +35,7 @@ RAM_STORE_SHARE = 0.5
 
 def add_args(parser):
     parser.add_argument("--exp", required=True, help="experiment config, e.g. experiments/bedroom_28/ddpm.json")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--seeds", default=None, help="comma list of seeds, each an independent run in its own folder")
     parser.add_argument("--eval_only", action="store_true",
                         help="evaluate an existing ensemble (e.g. the released pixel classifiers, with --run_dir) "

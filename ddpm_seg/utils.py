@@ -1,5 +1,6 @@
 """Small shared helpers: device choice, seeding, progress bars and atomic file writes."""
 
+import argparse
 import codecs
 import contextlib
 import ctypes
@@ -146,6 +147,18 @@ def progress_bar(iterable=None, **kwargs):
     if sys.stderr.isatty():
         return tqdm(iterable, file=sys.stderr, mininterval=TERMINAL_REDRAW_S, **kwargs)
     return tqdm(iterable, file=_LogLines(sys.stderr), mininterval=LOG_REDRAW_S, **kwargs)
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of --seed: an integer >= 0 (numpy's and torch's seeding refuse negative ones), so that a bad
+    value is reported with the flag's name."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def derive_seed(*keys: int) -> int:
@@ -352,10 +365,27 @@ def read_text(path: str) -> str:
                          "save it as UTF-8") from None
 
 
+class DuplicateKeyError(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs):
+    """object_pairs_hook: a key given twice is an error (json keeps the last silently)."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKeyError(f"key {key!r} is given twice (which one was meant?)")
+        obj[key] = value
+    return obj
+
+
 def read_json_object(path: str, what: str) -> dict:
-    """A JSON file that must hold an object; bad JSON or another type is an error naming the file."""
+    """A JSON file that must hold an object; bad JSON, a key given twice or another type is an error naming
+    the file."""
     try:
-        obj = json.loads(read_text(path))
+        obj = json.loads(read_text(path), object_pairs_hook=_refuse_duplicate_keys)
+    except DuplicateKeyError as e:
+        raise ValueError(f"{path}: {e}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):

@@ -79,6 +79,17 @@ def test_missing_file_and_bad_json(tmp_path):
         load_experiment(str(bad))
 
 
+def test_a_key_given_twice_is_refused_not_the_last_taken(tmp_path):
+    twice = tmp_path / "twice.json"
+    text = json.dumps(_paper_cfg())
+    twice.write_text(text[:-1] + ', "model_num": 3}')
+    with pytest.raises(ValueError, match=r"twice.json: key 'model_num' is given twice"):
+        load_experiment(str(twice))
+    twice.write_text(text[:-1] + ', "nested": {"a": 1, "a": 2}}')
+    with pytest.raises(ValueError, match=r"twice.json: key 'a' is given twice"):
+        load_experiment(str(twice))
+
+
 def _write_pair(folder, stem, image, label, ext=".png"):
     os.makedirs(folder, exist_ok=True)
     Image.fromarray(image).save(os.path.join(folder, stem + ext))
@@ -167,3 +178,21 @@ def test_device_names():
             resolve_device(bad)
     with pytest.raises(ValueError, match=r"--device cuda:7 was requested but this machine has \d+ CUDA device"):
         resolve_device("cuda:7")
+
+
+@pytest.mark.parametrize("command", ["train-interpreter", "sweep", "generate-dataset", "train-deeplab", "demo"])
+def test_a_negative_seed_is_refused_naming_the_flag(command, capsys):
+    from ddpm_seg.cli import main as cli_main
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([command, "--exp", "x.json", "--seed", "-1"] if command != "demo" else [command, "--seed", "-1"])
+    assert exit_info.value.code == 2
+    assert "argument --seed: expected an integer >= 0, got '-1'" in capsys.readouterr().err
+
+
+def test_train_ddpm_refuses_a_zero_lr_and_a_negative_seed(tmp_path):
+    from ddpm_seg.train_ddpm import _resolve_options, train_ddpm_defaults
+    base = dict(train_ddpm_defaults(), data_dir=str(tmp_path), out_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="--lr must be a positive number, got 0"):
+        _resolve_options(dict(base, lr=0.0))
+    with pytest.raises(ValueError, match="--seed must be >= 0, got -2"):
+        _resolve_options(dict(base, seed=-2))
