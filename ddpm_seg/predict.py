@@ -36,7 +36,7 @@ from PIL import Image
 from .data import IMAGE_EXTENSIONS, is_hidden, list_images, read_image
 from .deeplab import DeepLabSegmenter
 from .interpreter import Interpreter
-from .utils import append_line, atomic_path, atomic_save_npy, progress_bar, resolve_device
+from .utils import append_line, atomic_path, atomic_save_npy, check_writable, progress_bar, resolve_device
 from .visualize import heatmap, save_contact_sheet, save_overlay_picture
 
 SUGGEST_THUMBNAIL = 128  # pixels, the longer side of a contact-sheet thumbnail
@@ -90,13 +90,15 @@ def collect_inputs(patterns, out_dir) -> list:
             matches = [(pattern, os.path.basename(pattern))]
         elif glob.has_magic(pattern):
             base = glob_base(pattern)
-            matches = []
-            for match in sorted(glob.glob(pattern, recursive=True)):
+            matches, hits = [], sorted(glob.glob(pattern, recursive=True))
+            for match in hits:
                 rel = os.path.relpath(match, base)
                 if os.path.isdir(match):
                     found += [(p, os.path.relpath(p, base)) for p in list_images(match)]
                 elif match.lower().endswith(IMAGE_EXTENSIONS) and not any(is_hidden(p) for p in rel.split(os.sep)):
                     matches.append((match, rel))
+            if not matches and not any(os.path.isdir(m) for m in hits):
+                raise FileNotFoundError(f"--input {pattern!r}: the glob matches no image ({', '.join(IMAGE_EXTENSIONS)})")
         else:
             raise FileNotFoundError(f"--input {pattern!r}: no such file or folder, and no glob")
         inside = [path for path, _ in matches if os.path.realpath(path).startswith(out_dir)]
@@ -190,11 +192,30 @@ def read_journal(path, header) -> dict:
     return {(r["image"], r["stem"]): r for r in records[1:]}
 
 
-def outputs_present(base, args) -> bool:
+def output_suffixes(args) -> list:
+    """What predict appends to an input's stem for each file it writes of it."""
     names = {"png": [".png"], "npy": [".npy"], "both": [".png", ".npy"]}[args.format]
     names += ["_overlay.png"] if args.overlay else []
-    names += ["_uncertainty.npy", "_uncertainty.png"] if args.uncertainty else []
-    return all(os.path.isfile(base + n) for n in names)
+    return names + (["_uncertainty.npy", "_uncertainty.png"] if args.uncertainty else [])
+
+
+def outputs_present(base, args) -> bool:
+    return all(os.path.isfile(base + n) for n in output_suffixes(args))
+
+
+def check_output_names(inputs, args) -> None:
+    """Refuse, before anything is written, inputs whose output files would overwrite each other or the run's
+    own files: x.png and x_overlay.png (x's overlay is x_overlay.png, the second's mask too), or an input
+    named suggest.png under --suggest."""
+    run_files = ["predictions.csv", JOURNAL_NAME] + (["suggest.txt", "suggest.png"] if args.suggest else [])
+    owner = {name: f"the run's own {name}" for name in run_files}
+    for path, stem in inputs:
+        for suffix in output_suffixes(args):
+            name = os.path.normcase(stem + suffix)
+            if name in owner:
+                raise ValueError(f"--input {path!r}: its output {stem + suffix} would overwrite {owner[name]}; "
+                                 "rename one of the inputs or write them to separate --out folders")
+            owner[name] = f"the output of {path!r}"
 
 
 def read_labels(base, args) -> np.ndarray:
@@ -214,7 +235,9 @@ def predict(args) -> dict:
         raise ValueError("--exp goes with --deeplab; a --run_dir holds its own config")
     if args.model_path and not args.run_dir:
         raise ValueError("--model_path goes with --run_dir (the DDPM backbone); a DeepLab needs none")
+    check_writable(args.out)
     inputs = collect_inputs(args.input, args.out)
+    check_output_names(inputs, args)
     if args.deeplab:
         segmenter = DeepLabSegmenter.load(args.deeplab, args.exp, resolve_device(args.device))
     else:

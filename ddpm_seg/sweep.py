@@ -36,7 +36,7 @@ from .interpreter import segment_maps
 from .recipe import RECIPES, make_recipe, train_members
 from .training import (AUTOCAST, add_precision_args, extract_training_store, resolve_autocast, store_dtype_name,
                        training_sampler)
-from .utils import atomic_path, check_settings, progress_bar, resolve_device, seed_arg, seed_everything
+from .utils import atomic_path, check_settings, check_writable, progress_bar, resolve_device, seed_arg, seed_everything
 from .visualize import heatmap
 
 CSV_COLUMNS = ("step", "block", "channels", "resolution", "miou")
@@ -112,6 +112,7 @@ def run_sweep(cfg, exp_path, model_flags, args):
     limits = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
 
     # A disk feature cache left by an interrupted sweep is only reused for the same model, data and blocks.
+    check_writable(args.out)
     os.makedirs(os.path.join(args.out, "features"), exist_ok=True)
     check_settings(os.path.join(args.out, "features", "settings.json"),
                    {"config": cfg, "model_flags": model_flags, "steps": steps, "blocks": blocks,

@@ -238,6 +238,9 @@ def check_writable(folder: str) -> None:
     in its nearest existing parent, where it will be created); nothing is left behind."""
     probe_dir = os.path.abspath(folder)
     while not os.path.isdir(probe_dir) and os.path.dirname(probe_dir) != probe_dir:
+        if os.path.lexists(probe_dir):
+            raise WriteError(f"cannot write in {folder}: {probe_dir} is an existing file, not a folder; "
+                             "choose another output folder")
         probe_dir = os.path.dirname(probe_dir)
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=probe_dir)

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from conftest import make_experiment
 from ddpm_seg import interpreter as interpreter_module
 from ddpm_seg.backbones import image_tensor
 from ddpm_seg.class_info import default_palette
+from ddpm_seg.cli import entry as cli_entry
 from ddpm_seg.cli import main as cli_main
 from ddpm_seg.data import read_image
 from ddpm_seg.deeplab import build_deeplab
@@ -260,3 +262,39 @@ def test_readme_python_example_runs_as_written(trained, tmp_path, monkeypatch):
     mask = np.asarray(Image.open(tmp_path / "photo_mask.png"))
     assert mask.shape == (30, 40, 3)
     assert {tuple(c) for c in mask.reshape(-1, 3)} <= {tuple(c) for c in default_palette(3)}
+
+
+@pytest.mark.parametrize("names,extra,clash", [
+    (["x.png", "x_overlay.png"], [], "x_overlay.png"),
+    (["a.png", "a_uncertainty.png"], ["--uncertainty", "--format", "npy"], "a_uncertainty.npy"),
+    (["suggest.png"], ["--suggest", "1", "--no_overlay"], "suggest.png"),
+])
+def test_inputs_whose_outputs_would_collide_are_refused_before_anything_is_written(trained, tmp_path, names, extra,
+                                                                                      clash):
+    _, cfg, run = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in names:
+        shutil.copy(os.path.join(cfg["testing_path"], "000.png"), folder / name)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"its output {re.escape(clash)} would overwrite"):
+        predict(run, [folder], out, *extra)
+    assert not out.exists()
+
+
+def test_a_glob_that_matches_nothing_is_an_error_even_beside_other_inputs(trained, tmp_path):
+    _, cfg, run = trained
+    with pytest.raises(FileNotFoundError, match=r"'[^']*\*\.jpeg': the glob matches no image"):
+        predict(run, [os.path.join(cfg["testing_path"], "000.png"), str(tmp_path / "*.jpeg")], tmp_path / "out")
+
+
+def test_an_out_that_is_an_existing_file_is_one_clear_line(trained, tmp_path, capsys, monkeypatch):
+    _, cfg, run = trained
+    (tmp_path / "taken").write_text("not a folder")
+    monkeypatch.setattr(sys, "argv", ["ddpm-seg", "predict", "--run_dir", run, "--input", cfg["testing_path"],
+                                      "--out", str(tmp_path / "taken"), "--device", "cpu"])
+    code = cli_entry()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Errno" not in err[0]
+    assert err[0].endswith(f"{tmp_path / 'taken'} is an existing file, not a folder; choose another output folder")
+    assert (tmp_path / "taken").read_text() == "not a folder"
