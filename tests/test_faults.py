@@ -375,7 +375,9 @@ def test_bad_seeds_name_the_flag(experiment, monkeypatch, capsys):
     code, err = run_cli(monkeypatch, capsys, "train-interpreter", "--exp", str(path), "--seeds", "0,a")
     assert code == 2
     assert one_error_line(err, "train-interpreter") == \
-        "ddpm-seg train-interpreter: error: --seeds must be a comma list of integers like 0,1,2, got '0,a'"
+        "ddpm-seg train-interpreter: error: --seeds must be a comma list of integers >= 0 like 0,1,2, got '0,a'"
+    code, err = run_cli(monkeypatch, capsys, "train-interpreter", "--exp", str(path), "--seeds", "0,-1")
+    assert code == 2 and one_error_line(err, "train-interpreter").endswith("got '0,-1'")
 
 
 def test_npz_under_a_npy_label_name_is_refused_in_one_line(tmp_path):
