@@ -59,7 +59,7 @@ from .demo_data import render_scene
 from .ensemble import PAPER_BATCH, PAPER_LR, PATIENCE, MLPEnsemble, hidden_sizes, member_seed, predict_logits, train_ensemble
 from .evaluate import ConfusionMatrix, majority_vote
 from .feature_store import FeatureStore, PixelSampler
-from .projection import fit_projection, project_store
+from .projection import fit_projection, fold_member, project_store
 from .utils import atomic_write_json, cpu_model, derive_seed, fast_bf16, progress_bar
 
 # The paper's DDPM features per diffusion step, (channels, resolution) of the decoder blocks it reads
@@ -431,7 +431,14 @@ def job_quality(args):
     store, labels, _ = build_store(task, train_images, progress=not args.quiet, dtype=_store_dtype(args))
     pixels = round(args.quality_epochs * int((labels != IGNORE_LABEL).sum()))
     steps = {"ours": math.ceil(pixels / args.batch), "original": math.ceil(pixels / PAPER_BATCH)}
-    fit_ensemble(ensemble, store, labels, steps["ours"], args)
+    if args.projection_width:  # as the fast recipe: train on the projection, fold back into full members
+        projection = fit_projection(store, args.projection_width, seed=args.seed)
+        trainee = MLPEnsemble(sum(projection.widths), args.classes, args.members, seed=args.seed)
+        fit_ensemble(trainee, project_store(store, projection), labels, steps["ours"], args)
+        for m in range(args.members):
+            fold_member(ensemble, trainee, projection, store.blocks, m)
+    else:
+        fit_ensemble(ensemble, store, labels, steps["ours"], args)
     del store
     X, y, _ = original_training_set(task, train_images, progress=not args.quiet)
     for m, net in enumerate(progress_bar(nets, desc="original: members one by one", disable=args.quiet)):
@@ -864,7 +871,7 @@ def build_parser():
     parser.add_argument("--recipe", choices=["fast", "paper"], default="fast",
                         help="e2e: train-interpreter's --recipe (the default, fast; or the paper's)")
     parser.add_argument("--projection_width", "--projection-width", type=int, default=0,
-                        help="train: ours on the features projected to this many principal directions per "
+                        help="train, quality: ours on the features projected to this many principal directions per "
                              "resolution, as train-interpreter's fast recipe (default 0: all features)")
     parser.add_argument("--fp32", action="store_true",
                         help="our first-layer matmuls in float32 (float16 store) even where this CPU has native "

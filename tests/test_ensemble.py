@@ -293,3 +293,18 @@ def test_first_layer_over_table_parts_equals_one_matmul():
 def test_learning_rate_scales_with_the_square_root_of_the_batch():
     assert scaled_lr(64) == pytest.approx(1e-3) and scaled_lr(1024) == pytest.approx(4e-3)
     assert scaled_lr(256) == pytest.approx(2e-3)
+
+
+def test_training_progress_in_a_redirected_log_shows_steps_epoch_members_and_loss(capsys):
+    torch.manual_seed(0)
+    store = FeatureStore([(4, 4, 4)], (8, 8), 2)
+    for i in range(2):
+        store.put(i, [torch.randn(4, 4, 4)])
+    sampler = PixelSampler(torch.randint(0, 3, (2, 8, 8)))
+    train_ensemble(MLPEnsemble(4, 3, 2), store, sampler, seed=0, batch_size=16, steps=20)
+    err = capsys.readouterr().err  # not a terminal: whole lines, the last one the closed bar
+    lines = [line for line in err.splitlines() if line.startswith("train ensemble")]
+    assert "\r" not in err and lines, err
+    assert "20/20" in lines[-1] and "step" in lines[-1] and "epoch=3" in lines[-1] and "training=" in lines[-1]
+    assert "loss=" in lines[-1]
+    assert err.splitlines()[-1].startswith("trained members [0, 1] in ") and "up to 20 steps and 3 epochs" in err

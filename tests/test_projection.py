@@ -69,8 +69,22 @@ def test_a_table_narrower_than_the_width_keeps_every_direction():
     store, _ = random_store()
     projection = fit_projection(store, width=64, seed=0)
     assert projection.widths == [11, 40, 30]
-    for basis in projection.bases:
+    for basis in projection.bases:  # a rotation of the whole space
         assert torch.allclose(basis.t() @ basis, torch.eye(basis.shape[1]), atol=1e-5)
+
+
+def test_the_basis_spans_the_principal_directions_rotated_and_scaled():
+    store, _ = random_store()
+    projection = fit_projection(store, width=8, seed=0, fit_rows=10**6)
+    table = store._tables[1].reshape(-1, 40).float()  # the 12x10 table, 40 channels
+    centred = table - table.mean(0)
+    top = torch.linalg.eigh(centred.t() @ centred)[1][:, -8:]
+    basis = projection.bases[1]
+    assert torch.allclose(basis.t() @ basis, torch.eye(8) * 40 / 8, atol=1e-3)  # orthogonal, scaled by sqrt(C/k)
+    spanned = top @ (top.t() @ basis)  # basis projected on the true principal subspace: unchanged
+    assert torch.allclose(spanned, basis, atol=1e-3)
+    # Rotated: no column is (nearly) one principal direction.
+    assert (top.t() @ (basis / basis.norm(dim=0))).abs().max() < 0.95
 
 
 def test_subspace_iteration_finds_the_leading_eigenvectors():
