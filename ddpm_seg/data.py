@@ -2,6 +2,7 @@
 (images found recursively, a `<stem>.npy` label beside each) or with PNG masks in a `labels/` folder."""
 
 import os
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -189,13 +190,18 @@ def read_label(image_path: str, folder: str, image_shape, number_class: int, ign
     return label
 
 
+def small_classes(label: np.ndarray, number_class: int, ignore_label: int) -> dict:
+    """{class id: pixels} of the classes covering 1..MIN_CLASS_PIXELS-1 pixels of `label`."""
+    counts = np.bincount(label[label != ignore_label].ravel(), minlength=number_class)
+    return {int(c): int(counts[c]) for c in np.flatnonzero((counts > 0) & (counts < MIN_CLASS_PIXELS))}
+
+
 def drop_small_classes(label: np.ndarray, number_class: int, ignore_label: int) -> np.ndarray:
     """Classes covering 1..MIN_CLASS_PIXELS-1 pixels become ignore_label (the paper's rule for training images)."""
-    counts = np.bincount(label[label != ignore_label].ravel(), minlength=number_class)
-    small = np.flatnonzero((counts > 0) & (counts < MIN_CLASS_PIXELS))
-    if small.size:
+    small = small_classes(label, number_class, ignore_label)
+    if small:
         label = label.copy()
-        label[np.isin(label, small)] = ignore_label
+        label[np.isin(label, list(small))] = ignore_label
     return label
 
 
@@ -222,14 +228,25 @@ def load_labelled_folder(folder: str, number: int, size, number_class: int, igno
     check_unique_stems(paths)
     if len(paths) < number:
         warnings.warn(f"{folder!r} has {len(paths)} images, fewer than the {number} requested; using all of them")
-    items = []
+    items, stretched = [], []
     for path in paths[:number]:
         image = read_image(path)
         label = read_label(path, folder, image.shape, number_class, ignore_label, palette)
+        if image.shape[0] * size[1] != image.shape[1] * size[0]:
+            stretched.append(f"{os.path.relpath(path, folder)} ({image.shape[1]}x{image.shape[0]})")
         label = resize_label(label, size)
         if drop_small:
-            label = drop_small_classes(label, number_class, ignore_label)
+            small = small_classes(label, number_class, ignore_label)
+            if small:  # the paper's rule, said per file so that no labelled class disappears without a word
+                print(f"{path}: {', '.join(f'class {c} has {n} pixels' for c, n in small.items())} at "
+                      f"{size[1]}x{size[0]}, fewer than {MIN_CLASS_PIXELS}: ignored in training (the paper's rule)",
+                      file=sys.stderr)
+                label = drop_small_classes(label, number_class, ignore_label)
         items.append(LabelledImage(path, resize_image(image, size), label))
+    if stretched:
+        print(f"{folder}: {len(stretched)} of {len(items)} images are not in the {size[1]}x{size[0]} shape of the "
+              f"experiment and are stretched to it (e.g. {stretched[0]}); crop or pad them first to keep their "
+              "proportions", file=sys.stderr)
     return items
 
 

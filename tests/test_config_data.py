@@ -115,6 +115,18 @@ def test_nearest_resize_matches_cv2_rule():
     assert resize_label(np.array([[1, 2]]), (1, 4)).tolist() == [[1, 1, 2, 2]]
 
 
+def test_a_small_class_and_a_stretched_image_are_said_per_file(tmp_path, capsys):
+    label = np.zeros((10, 10), dtype=np.int64)
+    label[0, :5] = 1
+    _write_pair(str(tmp_path / "f"), "a", np.zeros((10, 10, 3), np.uint8), label)
+    _write_pair(str(tmp_path / "f"), "b", np.zeros((10, 20, 3), np.uint8), np.zeros((10, 20), np.int64))
+    items = load_labelled_folder(str(tmp_path / "f"), 2, (10, 10), 3, 255, drop_small=True)
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'f' / 'a.png'}: class 1 has 5 pixels at 10x10, fewer than 20: ignored in training" in err
+    assert "1 of 2 images are not in the 10x10 shape" in err and "b.png (20x10)" in err
+    assert (items[0].label[0, :5] == 255).all()
+
+
 def test_small_classes_become_ignored():
     label = np.zeros((10, 10), dtype=np.int64)
     label[0, :5] = 1          # 5 pixels: dropped
