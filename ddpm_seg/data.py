@@ -12,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .class_info import class_table
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # PNG masks live in <folder>/labels/, mirroring the images' relative paths: <folder>/labels/a/b.png labels
 # <folder>/a/b.jpg. Nothing under that folder is ever taken for an image.
 MASK_FOLDER = "labels"
@@ -62,6 +62,10 @@ def image_to_rgb(im: Image.Image, path: str = "<image>") -> np.ndarray:
     (LA, RGBA, PA, palette or grey with a transparent entry) is composited over black: the colour under
     a fully transparent pixel is arbitrary (editors store anything there), black is one fixed answer.
     """
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:  # reading only the first frame would silently drop the rest
+        raise ValueError(f"cannot read image {path!r}: it holds {frames} frames (animated or multi-page); save each "
+                         "frame as its own image")
     im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         return np.repeat(_to_8bit(np.asarray(im), path)[:, :, None], 3, axis=2)
@@ -81,7 +85,8 @@ def read_image(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return image_to_rgb(im, path)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        # DecompressionBombError: a header claiming more pixels than Pillow's safety limit; its message says how many.
         raise ValueError(f"cannot read image {path!r}: {e}") from None
 
 

@@ -218,3 +218,22 @@ def test_convert_labels_writes_the_official_layout(experiment, tmp_path):
     assert (out / "plain.png").read_bytes() == (src / "plain.png").read_bytes()  # copied as it is
     with pytest.raises(ValueError, match="must lie outside"):
         cli_main(["convert-labels", "--exp", str(exp), "--input", str(src), "--out", str(src / "x")])
+
+
+def test_an_animated_gif_is_refused_a_still_gif_read_and_a_bomb_named(tmp_path):
+    from ddpm_seg.data import IMAGE_EXTENSIONS
+    assert ".gif" in IMAGE_EXTENSIONS
+    frames = [Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)) for i in range(3)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(ValueError, match=r"a.gif': it holds 3 frames \(animated or multi-page\)"):
+        read_image(str(tmp_path / "a.gif"))
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "still.gif")
+    assert read_image(str(tmp_path / "still.gif")).shape == (8, 8, 3)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # claims 20000 x 20000 RGB
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                        + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b""))
+    with pytest.raises(ValueError, match=r"cannot read image '.*bomb.png': Image size \(400000000 pixels\) exceeds"):
+        read_image(str(tmp_path / "bomb.png"))
