@@ -157,7 +157,7 @@ def test_bad_options_are_refused(images, tmp_path):
         train_ddpm({**TINY, "data_dir": images})
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no images \(.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp\) found under data_dir"):
+    with pytest.raises(FileNotFoundError, match=r"no images \(.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp, .gif\) found under data_dir"):
         train_ddpm({**TINY, "data_dir": str(empty), "out_dir": str(tmp_path / "o")})
     with pytest.raises(ValueError, match="batch_size"):
         train_ddpm({**TINY, "data_dir": images, "out_dir": str(tmp_path / "o"), "batch_size": 17})
