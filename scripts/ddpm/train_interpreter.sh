@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train and evaluate the pixel-classifier ensemble on DDPM features, as the paper does.
+# Train and evaluate the pixel-classifier ensemble on DDPM features (the fast training recipe; add --recipe paper
+# for the paper's own: batch 64, every pixel, all features, its stopping rule).
 # Usage: bash scripts/ddpm/train_interpreter.sh <dataset> [extra ddpm-seg train-interpreter flags, e.g. --seed 1 --device cpu]
 # Datasets: bedroom_28, ffhq_34, cat_15, horse_21, celeba_19, ade_bedroom_30 (and demo).
 # Note: change MODEL_FLAGS if you use another pretrained DDPM; checkpoints trained with `ddpm-seg train-ddpm`
