@@ -56,10 +56,11 @@ from guided_diffusion.script_util import (add_dict_to_argparser, args_to_dict, c
 
 from .backbones import EXTRACT_DTYPES
 from .demo_data import render_scene
-from .ensemble import PAPER_BATCH, PAPER_LR, PATIENCE, MLPEnsemble, hidden_sizes, member_seed, predict_logits, train_ensemble
+from .ensemble import (PAPER_BATCH, PAPER_LR, PATIENCE, MLPEnsemble, hidden_sizes, member_seed, predict_logits,
+                       train_ensemble)
 from .evaluate import ConfusionMatrix, majority_vote
 from .feature_store import FeatureStore, PixelSampler
-from .projection import fit_projection, fold_member, project_store
+from .projection import projected_trainee
 from .utils import atomic_write_json, cpu_model, derive_seed, fast_bf16, progress_bar
 
 # The paper's DDPM features per diffusion step, (channels, resolution) of the decoder blocks it reads
@@ -358,9 +359,9 @@ def job_store_original(args):
 def job_train_ours(args):
     task = _task(args)
     store, labels, _ = _scratch_store(args, task, range(args.n))
+    ensemble = MLPEnsemble(task.dim, args.classes, args.members, seed=args.seed)
     if args.projection_width:  # the fast recipe's members see the projected features (its fit is not timed here)
-        store = project_store(store, fit_projection(store, args.projection_width, seed=args.seed))
-    ensemble = MLPEnsemble(store.num_features, args.classes, args.members, seed=args.seed)
+        _, store, ensemble, _ = projected_trainee(ensemble, store, args.projection_width, args.seed)
     fit_ensemble(ensemble, store, labels, WARMUP_STEPS, args)
     seconds = fit_ensemble(ensemble, store, labels, args.train_steps, args)
     # Each call starts every member's stream with a shuffle of all N images' labelled pixels, which a real
@@ -432,11 +433,10 @@ def job_quality(args):
     pixels = round(args.quality_epochs * int((labels != IGNORE_LABEL).sum()))
     steps = {"ours": math.ceil(pixels / args.batch), "original": math.ceil(pixels / PAPER_BATCH)}
     if args.projection_width:  # as the fast recipe: train on the projection, fold back into full members
-        projection = fit_projection(store, args.projection_width, seed=args.seed)
-        trainee = MLPEnsemble(sum(projection.widths), args.classes, args.members, seed=args.seed)
-        fit_ensemble(trainee, project_store(store, projection), labels, steps["ours"], args)
+        _, projected, trainee, fold = projected_trainee(ensemble, store, args.projection_width, args.seed)
+        fit_ensemble(trainee, projected, labels, steps["ours"], args)
         for m in range(args.members):
-            fold_member(ensemble, trainee, projection, store.blocks, m)
+            fold(m)
     else:
         fit_ensemble(ensemble, store, labels, steps["ours"], args)
     del store

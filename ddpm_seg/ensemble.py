@@ -315,7 +315,8 @@ def train_ensemble(
     # summary line closes it.
     on_terminal = sys.stderr.isatty()
     epoch_steps = sampler.steps_per_epoch(batch_size, pixel_fraction)
-    bar = progress_bar(total=5 * epoch_steps if steps is None else steps, desc="train ensemble", unit="step", disable=not progress)
+    bar = progress_bar(total=5 * epoch_steps if steps is None else steps, desc="train ensemble", unit="step",
+                       disable=not progress)
     start, last_loss = time.time(), float("nan")
 
     def finish(m):

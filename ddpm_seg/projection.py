@@ -19,6 +19,7 @@ an ordinary member on all `dim` features.
 
 import torch
 
+from .ensemble import MLPEnsemble
 from .feature_store import FeatureStore
 
 # Rows (native positions) a table's principal directions are estimated from: enough for a few hundred
@@ -127,3 +128,13 @@ def fold_member(target, trainee, projection, blocks, m):
                                     target.dim)
     target.fc1.weight[m].copy_(weight[0])
     target.fc1.bias[m].copy_(bias[0])
+
+
+def projected_trainee(ensemble, store, width, seed):
+    """What training `ensemble`'s members on store's features projected to `width` directions per resolution
+    needs: (projection, the projected RAM store, a trainee MLPEnsemble on it with ensemble's classes, members and
+    seed, fold(m) writing the trainee's member m into `ensemble`)."""
+    projection = fit_projection(store, width, seed=seed)
+    projected = project_store(store, projection)
+    trainee = MLPEnsemble(projected.num_features, ensemble.num_classes, ensemble.num_members, seed=seed)
+    return projection, projected, trainee, lambda m: fold_member(ensemble, trainee, projection, store.blocks, m)

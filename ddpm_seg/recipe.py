@@ -12,12 +12,12 @@ fast (default): what the features hold, at a fraction of the work.
       steps, the shortest run the original rule allows.
 """
 
+import dataclasses
 import math
 import time
-from dataclasses import dataclass
 
-from .ensemble import PAPER_BATCH, PATIENCE, MLPEnsemble, scaled_lr, train_ensemble
-from .projection import fit_projection, fold_member, project_store
+from .ensemble import PAPER_BATCH, PATIENCE, scaled_lr, train_ensemble
+from .projection import projected_trainee
 
 RECIPES = ("fast", "paper")
 FAST_BATCH = 1024  # pixels per member per step
@@ -27,7 +27,7 @@ PROJECTION_WIDTH = 512  # principal directions kept per resolution table
 FAST_EPOCHS = 4
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Recipe:
     name: str
     batch_size: int
@@ -42,6 +42,13 @@ class Recipe:
             return None
         return self.epochs * sampler.steps_per_epoch(self.batch_size, self.pixel_fraction) + PATIENCE + 1
 
+    def for_maps(self, map_shapes, image_size):
+        """This recipe for features of `map_shapes` under images of `image_size`: the fast one serves the finest
+        map's share of the pixels per epoch; the paper's every pixel."""
+        if self.name == "paper":
+            return self
+        return dataclasses.replace(self, pixel_fraction=finest_share(map_shapes, image_size))
+
     def settings(self):
         """What of the recipe a run folder records (a resume with other values is refused)."""
         return {"recipe": self.name, "batch_size": self.batch_size, "lr": self.lr,
@@ -54,11 +61,11 @@ def finest_share(map_shapes, image_size):
     return min(1.0, max(h * w for _, h, w in map_shapes) / (image_size[0] * image_size[1]))
 
 
-def make_recipe(name, map_shapes, image_size, batch_size=None, lr=None, epochs=FAST_EPOCHS,
-                projection_width=PROJECTION_WIDTH, config_batch=PAPER_BATCH):
-    """The recipe `name` for features of `map_shapes` under images of `image_size`. batch_size and lr None take
-    the recipe's own (paper: config_batch, the experiment's; lr scaled_lr(batch)); under the fast recipe
-    epochs 0 means the original stopping rule and projection_width 0 no projection."""
+def make_recipe(name, batch_size=None, lr=None, epochs=FAST_EPOCHS, projection_width=PROJECTION_WIDTH,
+                config_batch=PAPER_BATCH):
+    """The recipe `name`, checked. batch_size and lr None take the recipe's own (paper: config_batch, the
+    experiment's; lr scaled_lr(batch)); under the fast recipe epochs 0 means the original stopping rule and
+    projection_width 0 no projection. Its pixel share is set by for_maps once the feature maps are known."""
     if name not in RECIPES:
         raise ValueError(f"--recipe must be one of {list(RECIPES)}, got {name!r}")
     if batch_size is None:
@@ -73,8 +80,7 @@ def make_recipe(name, map_shapes, image_size, batch_size=None, lr=None, epochs=F
                          f"projection), got {epochs} and {projection_width}")
     if name == "paper":
         return Recipe(name, batch_size, lr, 1.0)
-    return Recipe(name, batch_size, lr, finest_share(map_shapes, image_size), projection_width or None,
-                  epochs or None)
+    return Recipe(name, batch_size, lr, 1.0, projection_width or None, epochs or None)
 
 
 def train_members(ensemble, store, sampler, recipe, *, seed, members=None, device=None, matmul_dtype=None,
@@ -83,24 +89,23 @@ def train_members(ensemble, store, sampler, recipe, *, seed, members=None, devic
     max_epochs; on_member_done(m) is called once member m holds its final weights (save it there). Returns
     (train_ensemble's stats, timings)."""
     timings = {}
-    trainee, train_store, done = ensemble, store, on_member_done
+    trainee, train_store, fold = ensemble, store, None
     if recipe.projection_width is not None:
-        def fold_and_report(m):
-            fold_member(ensemble, trainee, projection, store.blocks, m)
-            if on_member_done is not None:
-                on_member_done(m)
-
         start = time.time()
-        projection = fit_projection(store, recipe.projection_width, seed=seed)
-        train_store = project_store(store, projection)
-        trainee = MLPEnsemble(train_store.num_features, ensemble.num_classes, ensemble.num_members, seed=seed)
-        done = fold_and_report
+        projection, train_store, trainee, fold = projected_trainee(ensemble, store, recipe.projection_width, seed)
         timings["project_s"] = time.time() - start
         if progress:
             print(f"features projected to {train_store.num_features} principal directions "
                   f"({' + '.join(map(str, projection.widths))} over {len(projection.widths)} resolutions) in "
                   f"{timings['project_s']:.1f} s; each epoch serves {100 * recipe.pixel_fraction:.3g}% of the "
                   "labelled pixels")
+
+    def done(m):
+        if fold is not None:  # the trainee's member into ensemble's, before it is saved
+            fold(m)
+        if on_member_done is not None:
+            on_member_done(m)
+
     # A RAM store goes to the GPU whole for fast gathers; a disk store was chosen because it does not fit.
     if device is not None and device.type != "cpu" and train_store.root is None:
         train_store = train_store.to(device)

@@ -110,6 +110,7 @@ def run_sweep(cfg, exp_path, model_flags, args):
     train_items, test_items = load_split(cfg, "train"), load_split(cfg, "test")
     sampler = training_sampler(cfg, train_items)
     limits = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
+    recipe = make_recipe(args.recipe, config_batch=cfg["batch_size"])
 
     # A disk feature cache left by an interrupted sweep is only reused for the same model, data and blocks.
     check_writable(args.out)
@@ -132,8 +133,8 @@ def run_sweep(cfg, exp_path, model_flags, args):
             channels, h, w = store.map_shapes[k]
             cell_store = single_map_store(store, k)
             ensemble = MLPEnsemble(channels, cfg["number_class"], args.members, seed=args.seed).to(device)
-            recipe = make_recipe(args.recipe, [(channels, h, w)], store.image_size, config_batch=cfg["batch_size"])
-            train_members(ensemble, cell_store, sampler, recipe, seed=args.seed, device=device,
+            cell_recipe = recipe.for_maps([(channels, h, w)], store.image_size)
+            train_members(ensemble, cell_store, sampler, cell_recipe, seed=args.seed, device=device,
                           matmul_dtype=AUTOCAST[args.autocast], progress=False, **limits)
             ensembles[t, b] = ensemble
             cells.append({"step": t, "block": b, "channels": channels, "resolution": (h, w)})

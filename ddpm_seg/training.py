@@ -177,9 +177,8 @@ def run(cfg, exp_path, model_flags, args):
     args.autocast = resolve_autocast(args.autocast, device)
     folder = args.run_dir or run_dir(cfg, args.seed, args.random_init)
     check_paths(cfg, ["training_path", "testing_path"] + ([] if args.random_init else ["model_path"]), exp_path)
-    # The recipe is checked before anything is extracted; its pixel share needs the map shapes (below).
-    make_recipe(args.recipe, [(1, 1, 1)], (1, 1), args.batch_size, args.lr, args.epochs, args.projection_width,
-                cfg["batch_size"])
+    # Checked before anything is extracted; its pixel share needs the map shapes (below).
+    recipe = make_recipe(args.recipe, args.batch_size, args.lr, args.epochs, args.projection_width, cfg["batch_size"])
 
     # Everything that can fail on bad input (config, labels, feature size, an unwritable folder) happens
     # before the first write, so a corrected rerun is not refused for "other settings".
@@ -201,8 +200,7 @@ def run(cfg, exp_path, model_flags, args):
         first_maps = extractor(train_items[0].image)
         check_feature_size(cfg, first_maps, exp_path)
         sampler = training_sampler(cfg, train_items)  # refuses labels with fewer than 2 labelled pixels
-        recipe = make_recipe(args.recipe, [m.shape for m in first_maps], sampler.image_size, args.batch_size,
-                             args.lr, args.epochs, args.projection_width, cfg["batch_size"])
+        recipe = recipe.for_maps([m.shape for m in first_maps], sampler.image_size)
         os.makedirs(folder, exist_ok=True)
         # Members and the feature cache are only resumed with the settings that made them.
         check_settings(os.path.join(folder, SETTINGS_NAME),

@@ -1,4 +1,4 @@
-"""Faults and bad input (issue #12): one clear line and exit code 2 for every failure, no half-written file,
+"""Faults and bad input: one clear line and exit code 2 for every failure, no half-written file,
 no silent wrong result. Disk-full and read-only cases use a real tmpfs where the tests run as root (as in CI),
 and an injected ENOSPC/EROFS elsewhere."""
 
