@@ -55,6 +55,10 @@ def entry():
     from ddpm_seg.utils import WRITE_ERRNOS, Interrupted, WriteError, write_error
 
     command = sys.argv[1] if len(sys.argv) > 1 else ""
+    for stream in (sys.stdout, sys.stderr):
+        # A file name that is not valid UTF-8 is printed with its odd bytes escaped instead of stopping the run.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return main()
     except KeyboardInterrupt as e:

@@ -90,6 +90,19 @@ def read_image(path: str) -> np.ndarray:
         raise ValueError(f"cannot read image {path!r}: {e}") from None
 
 
+def readable_paths(paths: list) -> list:
+    """The paths whose image header Pillow reads (a known format, a size within the decompression-bomb limit);
+    the others are named on stderr and left out. Pixels are not decoded, so a large folder is checked quickly."""
+    kept = []
+    for path in paths:
+        try:
+            with Image.open(path):
+                kept.append(path)
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+            print(f"skipped {path!r}: {e}", file=sys.stderr)
+    return kept
+
+
 def resize_image(image: np.ndarray, size) -> np.ndarray:
     """Bilinear resize of a uint8 image to (H, W), as torchvision's Resize does on PIL images."""
     if image.shape[:2] == tuple(size):
@@ -231,11 +244,16 @@ def load_labelled_folder(folder: str, number: int, size, number_class: int, igno
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder!r}")
     check_unique_stems(paths)
-    if len(paths) < number:
-        warnings.warn(f"{folder!r} has {len(paths)} images, fewer than the {number} requested; using all of them")
-    items, stretched = [], []
-    for path in paths[:number]:
-        image = read_image(path)
+    items, stretched, skipped = [], [], 0
+    for path in paths:
+        if len(items) == number:
+            break
+        try:
+            image = read_image(path)
+        except ValueError as e:  # one unreadable image is named and left out, the next one takes its place
+            print(f"skipped {e}", file=sys.stderr)
+            skipped += 1
+            continue
         label = read_label(path, folder, image.shape, number_class, ignore_label, palette)
         if image.shape[0] * size[1] != image.shape[1] * size[0]:
             stretched.append(f"{os.path.relpath(path, folder)} ({image.shape[1]}x{image.shape[0]})")
@@ -248,6 +266,12 @@ def load_labelled_folder(folder: str, number: int, size, number_class: int, igno
                       file=sys.stderr)
                 label = drop_small_classes(label, number_class, ignore_label)
         items.append(LabelledImage(path, resize_image(image, size), label))
+    if len(items) < number:
+        unreadable = f" ({skipped} unreadable)" if skipped else ""
+        warnings.warn(f"{folder!r} has {len(items)} readable images{unreadable}, fewer than the {number} requested; "
+                      "using all of them")
+    if not items:
+        raise ValueError(f"no readable images under {folder!r}")
     if stretched:
         print(f"{folder}: {len(stretched)} of {len(items)} images are not in the {size[1]}x{size[0]} shape of the "
               f"experiment and are stretched to it (e.g. {stretched[0]}); crop or pad them first to keep their "

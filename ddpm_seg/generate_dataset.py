@@ -25,7 +25,6 @@ k % world_size == r (nccl on CUDA, gloo on CPU) and rank 0 merges them once all 
 import argparse
 import contextlib
 import os
-import socket
 import sys
 import time
 
@@ -42,12 +41,12 @@ from guided_diffusion.script_util import (
 from .backbones import add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_dtype
 from .config import check_paths, load_experiment, resolve_model_flags, run_dir
 from .data import synthetic_dataset_path
-from .interpreter import Interpreter, load_ensemble, run_extract_dtype
-from .utils import (atomic_path, check_settings, check_writable, derive_seed, distributed, on_interrupt, progress_bar,
-                    seed_arg)
+from .fingerprint import files_sha256, path_sha256
+from .interpreter import Interpreter, load_ensemble, member_path, run_extract_dtype
+from .utils import (atomic_path, atomic_write_json, check_settings, check_writable, derive_seed,
+                    distributed, folder_lock, on_interrupt, progress_bar, seed_arg)
 
 INDEX_NAME = "index.json"
-LOCK_NAME = "lock"
 
 
 def sampling_defaults():
@@ -171,60 +170,6 @@ def merge_shards(folder: str, chunks: list, out_path: str) -> None:
         os.remove(chunk_path(folder, k))
 
 
-def _owner_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-@contextlib.contextmanager
-def folder_lock(folder: str):
-    """Hold <folder>/lock (holding this process's pid and host) while this run works in `folder`.
-
-    A second run into the same folder would otherwise wait forever for chunks the first one merges and
-    deletes; it is refused at once instead. A lock whose process is gone (killed, crashed) is taken over."""
-    path = os.path.join(folder, LOCK_NAME)
-    host = socket.gethostname()
-    # The lock appears with its content (a hard link of a written file), so a reader never sees it empty.
-    mine = f"{path}.{os.getpid()}.tmp"
-    with open(mine, "w") as f:
-        f.write(f"{os.getpid()} {host}\n")
-    try:
-        while True:
-            try:
-                os.link(mine, path)
-                break
-            except FileExistsError:
-                try:
-                    with open(path) as f:
-                        owner, owner_host = f.read().split()
-                    owner = int(owner)
-                except FileNotFoundError:
-                    continue  # released just now: try again
-                except ValueError:
-                    raise ValueError(f"{path}: a lock file that names no owner process; delete it if no other "
-                                     "generate-dataset run works in this folder") from None
-                if owner_host == host and not _owner_alive(owner):
-                    print(f"{path}: removing the stale lock of process {owner}, which no longer runs", file=sys.stderr)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path)
-                    continue
-                raise ValueError(f"{folder} is in use by another generate-dataset run (process {owner} on "
-                                 f"{owner_host}, lock {path}); wait for it to finish, or delete the lock if that "
-                                 "process is gone") from None
-    finally:
-        os.remove(mine)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-
-
 def split_finished_file(out_path: str, folder: str, chunks: list) -> None:
     """Turn the samples of an earlier, smaller finished run back into chunks, so that a larger --num_samples
     only makes the samples it lacks (a last, partial chunk is made again at its new size)."""
@@ -268,20 +213,23 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
     out_path = synthetic_dataset_path(args.out_dir or ensemble_dir, size)
     folder = shard_dir(out_path)
     # num_samples is left out: sample i does not depend on it, so a finished run can be extended.
+    # The checkpoint's and the members' contents too: samples made or labelled by others are never mixed in.
     settings = {**{k: v for k, v in opts.items() if k != "num_samples"}, "seed": args.seed, "exp": cfg,
                 "model_flags": flags, "ensemble_dir": os.path.abspath(ensemble_dir),
+                "model_sha256": path_sha256(cfg["model_path"]),
                 "extract_dtype": dtype_name(extract_dtype(dtype, device, bool(flags.get("use_fp16"))))}
     # Features on the full process the ensemble was trained with; sampling on the (maybe respaced) one.
     # Both are built before anything is written, so a wrong --seed or --run_dir leaves no folder behind.
     extractor = create_feature_extractor(cfg, flags, device, seed=args.seed, config_path=args.exp,
                                          dtype=dtype)
     interpreter = Interpreter(cfg, extractor, load_ensemble(cfg, ensemble_dir, args.seed, device))
+    settings["ensemble_sha256"] = files_sha256([member_path(ensemble_dir, m) for m in range(cfg["model_num"])])
     diffusion = sampling_diffusion(flags)
     chunks = chunk_ranges(opts["num_samples"], opts["batch_size"])
     if rank == 0:
         check_writable(folder)
     os.makedirs(folder, exist_ok=True)
-    with folder_lock(folder) if rank == 0 else contextlib.nullcontext():
+    with folder_lock(folder, "generate-dataset") if rank == 0 else contextlib.nullcontext():
         with on_interrupt(lambda: interrupted_note(folder, chunks)):
             return _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, size, rank,
                              world_size, args.extract_batch, device)
@@ -294,7 +242,10 @@ def interrupted_note(folder, chunks):
 
 def _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, size, rank, world_size, extract_batch,
               device):
-    check_settings(os.path.join(folder, INDEX_NAME), settings, write=rank == 0)
+    # The index is written with the first chunk, once sampling and labelling have worked with these settings:
+    # a run refused or failed before that leaves nothing that would refuse its corrected rerun.
+    index_path = os.path.join(folder, INDEX_NAME)
+    check_settings(index_path, settings, write=False)
     if os.path.isfile(out_path):
         with np.load(out_path) as npz:
             finished = len(npz["arr_1"])
@@ -324,6 +275,8 @@ def _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, 
         # 1 until the extractor has seen an image and knows its memory per image.
         interpreter.extract_batch = extract_batch_size(extract_batch, interpreter.extractor.bytes_per_image, device)
         labels, scores = label_images(interpreter, images, indices, opts["sample_seed"])
+        if not os.path.isfile(index_path):
+            atomic_write_json(index_path, settings)
         save_chunk(chunk_path(folder, k), indices, images, labels, scores)
         bar.update(len(indices))
     bar.close()

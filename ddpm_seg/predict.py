@@ -4,22 +4,26 @@ or a train-deeplab checkpoint (--deeplab, no DDPM needed).
 Inputs are image files, folders (searched recursively; hidden files, macOS ._* files and a folder's top-level
 labels/ are skipped) and globs. Each image, of any size and mode, is segmented at its own size: features at
 the experiment's resolution, logits upsampled bilinearly to the image's size before the vote. Under --out,
-mirroring each image's path below its input folder (or glob base):
-    <stem>.png                 palette-indexed PNG of class ids in the experiment's palette (--format png|both)
-    <stem>.npy                 uint8 class ids (--format npy|both)
-    <stem>_overlay.png         the mask over the image, with a legend of the class names (--no_overlay: none)
-    <stem>_uncertainty.png/.npy  the per-pixel uncertainty: the members' disagreement; DeepLab: softmax
+one folder per kind of output, each mirroring the images' paths below their input folder (or glob base), so no
+input name can make one output overwrite another:
+    masks/<stem>.png           palette-indexed PNG of class ids in the experiment's palette (--format png|both)
+    masks/<stem>.npy           uint8 class ids (--format npy|both)
+    overlays/<stem>.png        image | mask | overlay with a legend of the class names (--no_overlay: none)
+    uncertainty/<stem>.png/.npy  the per-pixel uncertainty: the members' disagreement; DeepLab: softmax
                                entropy (--uncertainty)
     predictions.csv            image, width, height, uncertainty score (mean of the top 10% pixels), the
                                pixel share of each class
     suggest.txt, suggest.png   with --suggest K: the K images with the highest uncertainty score, most
                                uncertain first (what to label next), and a contact sheet of them
     .predict_journal.jsonl     what is done: the model and options, then one line per image written
+A lock file in --out refuses a second predict run into the same folder at once.
 An unreadable input is named and skipped; the exit status is then 1, after all others are done.
 
-A stopped run resumes: run the same command again and the images the journal lists, whose outputs are still
-there, are not segmented again (their rows come from the journal); so does a run over a folder that has grown.
-Another model (a retrained run folder, another checkpoint) or other output options start afresh.
+A stopped run resumes: run the same command again and the images the journal lists, unchanged since (same size,
+modification time and sha256) and whose outputs are still there, are not segmented again (their rows come from
+the journal); so does a run over a folder that has grown. An image replaced under the same name is segmented
+again. Another model (retrained members, another checkpoint: compared by content) or other output options start
+afresh.
 """
 
 import argparse
@@ -35,8 +39,10 @@ from PIL import Image
 
 from .data import IMAGE_EXTENSIONS, is_hidden, list_images, read_image
 from .deeplab import DeepLabSegmenter
-from .interpreter import Interpreter
-from .utils import append_line, atomic_path, atomic_save_npy, check_writable, progress_bar, resolve_device
+from .fingerprint import file_sha256, files_sha256, path_sha256
+from .interpreter import Interpreter, member_path
+from .utils import (append_line, atomic_path, atomic_save_npy, check_writable, folder_lock, progress_bar,
+                    resolve_device)
 from .visualize import heatmap, save_contact_sheet, save_overlay_picture
 
 SUGGEST_THUMBNAIL = 128  # pixels, the longer side of a contact-sheet thumbnail
@@ -112,7 +118,8 @@ def collect_inputs(patterns, out_dir) -> list:
         if stem in owner:
             if os.path.samefile(owner[stem], path):
                 continue  # the same image named twice
-            raise ValueError(f"--input: {owner[stem]!r} and {path!r} would both be written as {stem}.png under --out")
+            raise ValueError(f"--input: {owner[stem]!r} and {path!r} would both be written as masks/{stem}.png "
+                             "under --out; rename one of them or write them to separate --out folders")
         owner[stem] = path
         inputs.append((path, stem))
     if not inputs:
@@ -128,16 +135,29 @@ def save_label_png(path, labels, palette) -> None:
         mask.save(tmp, format="PNG")
 
 
-def write_outputs(base, image, labels, unc, segmenter, args) -> None:
+def output_files(args) -> list:
+    """(folder, extension) of every file predict writes of each input: one folder per kind of output."""
+    files = {"png": [("masks", ".png")], "npy": [("masks", ".npy")],
+             "both": [("masks", ".png"), ("masks", ".npy")]}[args.format]
+    files += [("overlays", ".png")] if args.overlay else []
+    return files + ([("uncertainty", ".npy"), ("uncertainty", ".png")] if args.uncertainty else [])
+
+
+def output_path(out, kind, stem, extension) -> str:
+    return os.path.join(out, kind, stem + extension)
+
+
+def write_outputs(out, stem, image, labels, unc, segmenter, args) -> None:
     if args.format in ("png", "both"):
-        save_label_png(base + ".png", labels, segmenter.palette)
+        save_label_png(output_path(out, "masks", stem, ".png"), labels, segmenter.palette)
     if args.format in ("npy", "both"):
-        atomic_save_npy(base + ".npy", labels)
+        atomic_save_npy(output_path(out, "masks", stem, ".npy"), labels)
     if args.overlay:
-        save_overlay_picture(base + "_overlay.png", image, labels, segmenter.palette, segmenter.class_names)
+        save_overlay_picture(output_path(out, "overlays", stem, ".png"), image, labels, segmenter.palette,
+                             segmenter.class_names)
     if args.uncertainty:
-        atomic_save_npy(base + "_uncertainty.npy", unc)
-        with atomic_path(base + "_uncertainty.png") as tmp:
+        atomic_save_npy(output_path(out, "uncertainty", stem, ".npy"), unc)
+        with atomic_path(output_path(out, "uncertainty", stem, ".png")) as tmp:
             Image.fromarray(heatmap(unc)).save(tmp, format="PNG")
 
 
@@ -148,7 +168,8 @@ def thumbnail(array, resample):
 
 
 def write_csv(path, rows, class_names) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    # surrogateescape: a file name that is not valid UTF-8 is written as its own bytes, so it names the file.
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "width", "height", "uncertainty_score"] + list(class_names))
         for row in rows:
@@ -156,20 +177,21 @@ def write_csv(path, rows, class_names) -> None:
                             + [f"{share:.6f}" for share in row["shares"]])
 
 
-def file_stamp(path) -> list:
+def input_stamp(path) -> list:
+    """What an input's outputs depend on: its size, modification time and content."""
     stat = os.stat(path)
-    return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns]
+    return [stat.st_size, stat.st_mtime_ns, file_sha256(path)]
 
 
-def run_header(args) -> dict:
-    """What the outputs depend on: the model's files (path, size, modification time) and the output options."""
+def run_header(args, segmenter) -> dict:
+    """What the outputs depend on: the model by content (DeepLab checkpoint, or the members and the backbone
+    checkpoint), its config and the output options."""
     if args.deeplab:
-        files = [args.deeplab] + ([args.exp] if args.exp else [])
+        model = {"deeplab_sha256": file_sha256(args.deeplab)}
     else:
-        files = sorted(os.path.join(args.run_dir, f) for f in os.listdir(args.run_dir)
-                       if f == "settings.json" or (f.startswith("model_") and f.endswith(".pth")))
-        files += [args.model_path] if args.model_path else []
-    return {"model": [file_stamp(f) for f in files], "format": args.format, "overlay": args.overlay,
+        members = [member_path(args.run_dir, m) for m in range(segmenter.cfg["model_num"])]
+        model = {"members_sha256": files_sha256(members), "model_sha256": path_sha256(segmenter.cfg["model_path"])}
+    return {"model": model, "config": segmenter.cfg, "format": args.format, "overlay": args.overlay,
             "uncertainty": args.uncertainty}
 
 
@@ -192,43 +214,20 @@ def read_journal(path, header) -> dict:
     return {(r["image"], r["stem"]): r for r in records[1:]}
 
 
-def output_suffixes(args) -> list:
-    """What predict appends to an input's stem for each file it writes of it."""
-    names = {"png": [".png"], "npy": [".npy"], "both": [".png", ".npy"]}[args.format]
-    names += ["_overlay.png"] if args.overlay else []
-    return names + (["_uncertainty.npy", "_uncertainty.png"] if args.uncertainty else [])
+def outputs_present(out, stem, args) -> bool:
+    return all(os.path.isfile(output_path(out, kind, stem, ext)) for kind, ext in output_files(args))
 
 
-def outputs_present(base, args) -> bool:
-    return all(os.path.isfile(base + n) for n in output_suffixes(args))
-
-
-def check_output_names(inputs, args) -> None:
-    """Refuse, before anything is written, inputs whose output files would overwrite each other or the run's
-    own files: x.png and x_overlay.png (x's overlay is x_overlay.png, the second's mask too), or an input
-    named suggest.png under --suggest."""
-    run_files = ["predictions.csv", JOURNAL_NAME] + (["suggest.txt", "suggest.png"] if args.suggest else [])
-    owner = {name: f"the run's own {name}" for name in run_files}
-    for path, stem in inputs:
-        for suffix in output_suffixes(args):
-            name = os.path.normcase(stem + suffix)
-            if name in owner:
-                raise ValueError(f"--input {path!r}: its output {stem + suffix} would overwrite {owner[name]}; "
-                                 "rename one of the inputs or write them to separate --out folders")
-            owner[name] = f"the output of {path!r}"
-
-
-def read_labels(base, args) -> np.ndarray:
-    """The class ids an earlier run wrote for `base` (its .npy, or the palette PNG's indices)."""
+def read_labels(out, stem, args) -> np.ndarray:
+    """The class ids an earlier run wrote for `stem` (its .npy, or the palette PNG's indices)."""
     if args.format in ("npy", "both"):
-        return np.load(base + ".npy")
-    with Image.open(base + ".png") as mask:
+        return np.load(output_path(out, "masks", stem, ".npy"))
+    with Image.open(output_path(out, "masks", stem, ".png")) as mask:
         return np.asarray(mask)
 
 
 def predict(args) -> dict:
-    """Segment every input; returns {"rows": per image (input order), "failed": [(path, reason)],
-    "suggested": [paths], "seconds", "images_per_s"}."""
+    """Segment every input (see segment_inputs), holding a lock on --out."""
     if args.batch_size < 1 or args.suggest < 0:
         raise ValueError(f"--batch_size must be >= 1 and --suggest >= 0, got {args.batch_size}, {args.suggest}")
     if args.exp and not args.deeplab:
@@ -237,20 +236,29 @@ def predict(args) -> dict:
         raise ValueError("--model_path goes with --run_dir (the DDPM backbone); a DeepLab needs none")
     check_writable(args.out)
     inputs = collect_inputs(args.input, args.out)
-    check_output_names(inputs, args)
+    os.makedirs(args.out, exist_ok=True)
+    with folder_lock(args.out, "predict"):
+        return segment_inputs(args, inputs)
+
+
+def segment_inputs(args, inputs) -> dict:
+    """Segment every input; returns {"rows": per image (input order), "failed": [(path, reason)],
+    "suggested": [paths], "seconds", "images_per_s"}."""
     if args.deeplab:
         segmenter = DeepLabSegmenter.load(args.deeplab, args.exp, resolve_device(args.device))
     else:
         segmenter = Interpreter.load(args.run_dir, args.model_path, args.device)
         segmenter.extract_batch = args.batch_size  # one backbone forward per batch of inputs
-    os.makedirs(args.out, exist_ok=True)
-    journal_path, header = os.path.join(args.out, JOURNAL_NAME), run_header(args)
+    journal_path, header = os.path.join(args.out, JOURNAL_NAME), run_header(args, segmenter)
     done = read_journal(journal_path, header)
     if not done:
         with atomic_path(journal_path) as tmp, open(tmp, "w") as f:
             f.write(json.dumps(header) + "\n")
-    rows = {i: done[(path, stem)] for i, (path, stem) in enumerate(inputs)
-            if (path, stem) in done and outputs_present(os.path.join(args.out, stem), args)}
+    rows = {}
+    for i, (path, stem) in enumerate(inputs):
+        row = done.get((path, stem))
+        if row and outputs_present(args.out, stem, args) and row.get("input") == input_stamp(path):
+            rows[i] = row
     todo = [(i, path, stem) for i, (path, stem) in enumerate(inputs) if i not in rows]
     if rows:
         print(f"{len(rows)} of {len(inputs)} images were segmented by an earlier run with this model and options "
@@ -269,10 +277,11 @@ def predict(args) -> dict:
                 bar.update(1)
         results = segmenter.segment([image for _, _, _, image in batch]) if batch else []
         for (i, path, stem, image), (labels, unc, score) in zip(batch, results):
-            write_outputs(os.path.join(args.out, stem), image, labels, unc, segmenter, args)
+            stamp = input_stamp(path)  # before the outputs: an image replaced meanwhile is done again next time
+            write_outputs(args.out, stem, image, labels, unc, segmenter, args)
             shares = np.bincount(labels.ravel(), minlength=segmenter.number_class)[:segmenter.number_class]
-            rows[i] = {"image": path, "stem": stem, "width": image.shape[1], "height": image.shape[0],
-                       "score": score, "shares": (shares / labels.size).tolist()}
+            rows[i] = {"image": path, "stem": stem, "input": stamp, "width": image.shape[1],
+                       "height": image.shape[0], "score": score, "shares": (shares / labels.size).tolist()}
             # Written after the image's outputs: a listed image is complete.
             append_line(journal_path, json.dumps(rows[i]))
             bar.update(1)
@@ -284,14 +293,14 @@ def predict(args) -> dict:
     for i, row in enumerate(rows if args.suggest else []):
         entry = (row["score"], -i, row["image"])
         if len(top) < args.suggest or entry[:2] > top[0][:2]:
-            base = os.path.join(args.out, row["stem"])
             entry += (thumbnail(read_image(row["image"]), Image.BILINEAR),
-                      thumbnail(read_labels(base, args), Image.NEAREST))
+                      thumbnail(read_labels(args.out, row["stem"], args), Image.NEAREST))
             (heapq.heappush if len(top) < args.suggest else heapq.heappushpop)(top, entry)
     write_csv(os.path.join(args.out, "predictions.csv"), rows, segmenter.class_names)
     suggested = sorted(top, reverse=True)  # highest score first; among equal scores, input order
     if args.suggest:
-        with atomic_path(os.path.join(args.out, "suggest.txt")) as tmp, open(tmp, "w") as f:
+        with atomic_path(os.path.join(args.out, "suggest.txt")) as tmp, \
+                open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.writelines(path + "\n" for _, _, path, _, _ in suggested)
         save_contact_sheet(os.path.join(args.out, "suggest.png"),
                            [(f"{i + 1}. {score:.4f} {os.path.basename(path)}", image, labels)

@@ -49,7 +49,7 @@ from guided_diffusion.script_util import (
     model_and_diffusion_defaults,
 )
 
-from .data import IMAGE_EXTENSIONS, list_images, read_image
+from .data import IMAGE_EXTENSIONS, list_images, read_image, readable_paths
 from .utils import (append_line, atomic_torch_save_set, atomic_write_json, check_writable, derive_seed, distributed,
                     on_interrupt, progress_bar, seed_everything)
 
@@ -94,9 +94,12 @@ class ImageFolderDataset(Dataset):
     """Images found recursively under a folder, centre-cropped to image_size, as [3, H, W] floats in [-1, 1]."""
 
     def __init__(self, folder, image_size):
-        self.paths = list_images(folder)
-        if not self.paths:
+        paths = list_images(folder)
+        if not paths:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under data_dir {folder!r}")
+        self.paths = readable_paths(paths)  # an unreadable file is named and left out
+        if not self.paths:
+            raise ValueError(f"none of the {len(paths)} images under data_dir {folder!r} is readable")
         self.image_size = image_size
 
     def __len__(self):

@@ -22,6 +22,7 @@ from .config import check_paths, run_dir
 from .data import load_split
 from .ensemble import MLPEnsemble
 from .feature_store import FeatureStore, PixelSampler
+from .fingerprint import data_sha256, path_sha256, short
 from .interpreter import SETTINGS_NAME, Interpreter, evaluate, member_path
 from .recipe import FAST_EPOCHS, PROJECTION_WIDTH, RECIPES, make_recipe, train_members
 from .utils import (atomic_write_json, available_memory_bytes, check_settings, check_writable, fast_bf16, progress_bar,
@@ -146,24 +147,34 @@ FEATURE_KEYS = ("model_type", "dim", "steps", "blocks", "share_noise", "input_ac
 def identity(settings):
     """What of a run folder's settings makes its members' input features: the config's FEATURE_KEYS, the model
     flags but use_fp16 (a device choice) and timestep_respacing (a sampler's; features always use the full
-    noising process), the seed (the shared noise) and random_init."""
+    noising process), the checkpoint's content, the seed (the shared noise) and random_init."""
     flags = settings.get("model_flags") or {}
     return {"features": {k: (settings.get("config") or {}).get(k) for k in FEATURE_KEYS},
             "model_flags": {k: v for k, v in flags.items() if k not in ("use_fp16", "timestep_respacing")},
-            "seed": settings.get("seed"), "random_init": settings.get("random_init")}
+            "model_sha256": settings.get("model_sha256"), "seed": settings.get("seed"),
+            "random_init": settings.get("random_init")}
 
 
-def check_finished_folder(path, cfg, model_flags, args, extract_dtype_name):
+def check_finished_folder(path, settings):
     """Members all present: refuse to evaluate them with other features than they were trained on, and give a
     folder of released members (which has no settings.json) one, so Interpreter.load and predict can read it."""
-    settings = {"config": cfg, "model_flags": model_flags, "seed": args.seed, "random_init": args.random_init,
-                "extract_dtype": extract_dtype_name}
     if not os.path.isfile(path):
         check_writable(os.path.dirname(path))
         atomic_write_json(path, settings)
         return
-    saved, now = identity(read_json_object(path, "run settings")), identity(json.loads(json.dumps(settings)))
+    recorded = read_json_object(path, "run settings")
+    saved, now = identity(recorded), identity(json.loads(json.dumps(settings)))
+    if "model_sha256" not in recorded and not now["random_init"]:
+        # Written before checkpoints were hashed: from now on the folder is tied to this checkpoint.
+        print(f"{path} records no checkpoint hash; recording that of {settings['config']['model_path']} "
+              f"({short(settings['model_sha256'])})")
+        saved["model_sha256"] = now["model_sha256"]
+        atomic_write_json(path, dict(recorded, model_sha256=now["model_sha256"]))
     differ = sorted(k for k in now if saved[k] != now[k])
+    if differ == ["model_sha256"]:
+        raise ValueError(f"{path}: the members beside it were trained on the features of a checkpoint with sha256 "
+                         f"{short(saved['model_sha256'])}, but {settings['config']['model_path']} has "
+                         f"{short(now['model_sha256'])}; use that checkpoint, or another --run_dir")
     if differ:
         raise ValueError(f"{path}: the members beside it were trained with other {', '.join(differ)} "
                          f"({ {k: saved[k] for k in differ} } vs now { {k: now[k] for k in differ} }); "
@@ -190,8 +201,11 @@ def run(cfg, exp_path, model_flags, args):
     todo = [m for m in range(cfg["model_num"]) if not os.path.exists(member_path(folder, m))]
     if args.eval_only and todo:
         raise FileNotFoundError(f"--eval_only: {folder} lacks {[os.path.basename(member_path(folder, m)) for m in todo]}")
+    settings = {"config": cfg, "model_flags": model_flags, "seed": args.seed, "random_init": args.random_init,
+                "model_sha256": None if args.random_init else path_sha256(cfg["model_path"]),
+                "extract_dtype": extract_dtype_name}
     if not todo:
-        check_finished_folder(os.path.join(folder, SETTINGS_NAME), cfg, model_flags, args, extract_dtype_name)
+        check_finished_folder(os.path.join(folder, SETTINGS_NAME), settings)
     ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=args.seed).to(device)
     timings = {}
     if todo:
@@ -202,11 +216,12 @@ def run(cfg, exp_path, model_flags, args):
         sampler = training_sampler(cfg, train_items)  # refuses labels with fewer than 2 labelled pixels
         recipe = recipe.for_maps([m.shape for m in first_maps], sampler.image_size)
         os.makedirs(folder, exist_ok=True)
-        # Members and the feature cache are only resumed with the settings that made them.
+        # Members and the feature cache are only resumed with the settings, checkpoint and training data
+        # that made them.
         check_settings(os.path.join(folder, SETTINGS_NAME),
-                       {"config": cfg, "model_flags": model_flags, "seed": args.seed, "random_init": args.random_init,
-                        "store_dtype": store_dtype_name(args), "autocast": args.autocast, **recipe.settings(),
-                        "extract_dtype": extract_dtype_name}, write=True)
+                       {**settings, "training_data_sha256": data_sha256(train_items),
+                        "store_dtype": store_dtype_name(args), "autocast": args.autocast, **recipe.settings()},
+                       write=True)
         atomic_write_json(os.path.join(folder, os.path.basename(exp_path)), cfg)
         atomic_write_json(os.path.join(folder, "model_flags.json"), model_flags)
 

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 
@@ -437,3 +438,59 @@ def check_settings(path: str, settings: dict, write: bool) -> None:
                              "use another output folder or delete that one")
     elif write:
         atomic_write_json(path, settings)
+
+
+LOCK_NAME = "lock"
+
+
+def _owner_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str, command: str):
+    """Hold <folder>/lock (holding this process's pid and host) while this run of `command` works in `folder`;
+    a second run into the same folder is refused at once. A lock whose process is gone (killed, crashed) is
+    taken over."""
+    path = os.path.join(folder, LOCK_NAME)
+    host = socket.gethostname()
+    # The lock appears with its content (a hard link of a written file), so a reader never sees it empty.
+    mine = f"{path}.{os.getpid()}.tmp"
+    with open(mine, "w") as f:
+        f.write(f"{os.getpid()} {host}\n")
+    try:
+        while True:
+            try:
+                os.link(mine, path)
+                break
+            except FileExistsError:
+                try:
+                    with open(path) as f:
+                        owner, owner_host = f.read().split()
+                    owner = int(owner)
+                except FileNotFoundError:
+                    continue  # released just now: try again
+                except ValueError:
+                    raise ValueError(f"{path}: a lock file that names no owner process; delete it if no other "
+                                     f"{command} run works in this folder") from None
+                if owner_host == host and not _owner_alive(owner):
+                    print(f"{path}: removing the stale lock of process {owner}, which no longer runs", file=sys.stderr)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                    continue
+                raise ValueError(f"{folder} is in use by another {command} run (process {owner} on "
+                                 f"{owner_host}, lock {path}); wait for it to finish, or delete the lock if that "
+                                 "process is gone") from None
+    finally:
+        os.remove(mine)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)

@@ -3,6 +3,8 @@ hooked maps equal the modules' outputs recomputed by hand, latent maps, noise dr
 errors, and train-interpreter / sweep end to end."""
 
 import json
+import re
+import shutil
 import os
 import subprocess
 import sys
@@ -400,3 +402,32 @@ def test_sweep_over_module_names(sd_experiment, tmp_path):
     cli_main(["train-interpreter", "--exp", str(single_path), "--device", "cpu", "--no_pictures"])
     metrics = json.load(open(os.path.join(cfg["exp_dir"], "60_up_blocks.1.attentions.0", "seed_0", "metrics.json")))
     assert float(rows[4].rsplit(",", 1)[1]) == metrics["miou"]
+
+
+@pytest.mark.parametrize("damage", ["no_weights", "broken_config", "broken_index", "unknown_class"])
+def test_a_broken_pipeline_folder_is_one_line_naming_the_part(pipelines, tmp_path, damage):
+    folder = tmp_path / "pipe"
+    shutil.copytree(pipelines["sd"], folder)
+    if damage == "no_weights":
+        for weights in (folder / "unet").glob("diffusion_pytorch_model*"):
+            weights.unlink()
+        expected = r"pipe/unet: cannot load the pipeline's unet \(UNet2DConditionModel\)"
+    elif damage == "broken_config":
+        (folder / "unet" / "config.json").write_text('{"sample_size": 8,')
+        expected = r"pipe/unet: cannot load the pipeline's unet"
+    elif damage == "broken_index":
+        (folder / "model_index.json").write_text("{not json")
+        expected = r"pipe/model_index.json"
+    else:
+        index = json.loads((folder / "model_index.json").read_text())
+        index["unet"] = ["diffusers", "NoSuchModel"]
+        (folder / "model_index.json").write_text(json.dumps(index))
+        expected = r"pipe/unet: cannot load the pipeline's unet \(NoSuchModel\)"
+    exp = tmp_path / "exp.json"
+    exp.write_text(json.dumps(config(str(folder), training_path=str(tmp_path), testing_path=str(tmp_path))))
+    run = subprocess.run([sys.executable, "-c", "import sys; from ddpm_seg.cli import entry; sys.exit(entry())",
+                          "train-interpreter", "--exp", str(exp), "--device", "cpu"], capture_output=True, text=True)
+    # diffusers logs its own warnings first; ours is one line, the last.
+    errors = [line for line in run.stderr.splitlines() if line.startswith("ddpm-seg train-interpreter: error:")]
+    assert run.returncode == 2 and len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert re.search(expected, errors[0]) and run.stderr.strip().endswith(errors[0]), errors[0]

@@ -16,6 +16,7 @@ from ddpm_seg.backbones import create_feature_extractor
 from ddpm_seg.config import run_dir
 from ddpm_seg.ensemble import MLPEnsemble, predict_logits
 from ddpm_seg.evaluate import image_uncertainty_score, majority_vote, uncertainty_map
+from ddpm_seg.utils import LOCK_NAME
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,16 +187,16 @@ def test_a_second_run_into_the_same_folder_is_refused_not_left_waiting(experimen
     folder.mkdir()
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live run holding the lock
     try:
-        (folder / gen.LOCK_NAME).write_text(f"{owner.pid} {__import__('socket').gethostname()}\n")
+        (folder / LOCK_NAME).write_text(f"{owner.pid} {__import__('socket').gethostname()}\n")
         with pytest.raises(ValueError, match=rf"in use by another generate-dataset run \(process {owner.pid} on"):
             _generate(_argv(exp, tmp_path))
-        assert sorted(os.listdir(folder)) == [gen.LOCK_NAME]  # nothing written, the owner's lock kept
+        assert sorted(os.listdir(folder)) == [LOCK_NAME]  # nothing written, the owner's lock kept
     finally:
         owner.kill()
         owner.wait()
     # Its process gone, the lock is stale: the next run takes it over, finishes and releases it.
     result = _generate(_argv(exp, tmp_path))
-    assert len(_arrays(result["path"])[0]) == 5 and not os.path.exists(folder / gen.LOCK_NAME)
+    assert len(_arrays(result["path"])[0]) == 5 and not os.path.exists(folder / LOCK_NAME)
 
 
 def test_a_missing_ensemble_leaves_no_folder_that_refuses_the_next_try(experiment, tmp_path):
@@ -221,3 +222,46 @@ def test_more_samples_continue_a_finished_run(experiment, tmp_path, monkeypatch)
     assert len(arrays[0]) == 6 and all(np.array_equal(a[:4], b) for a, b in zip(arrays, first))
     with pytest.raises(ValueError, match="already holds 6 samples, more than --num_samples 4"):
         _generate(argv(4))
+
+
+def test_retrained_members_or_another_checkpoint_are_refused_on_resume(experiment, tmp_path, monkeypatch):
+    """Chunks labelled by other members, or sampled from another checkpoint, are never mixed into one file."""
+    exp, cfg = experiment
+    real_save = gen.save_chunk
+
+    def save_then_stop(path, *args):
+        real_save(path, *args)
+        raise KeyboardInterrupt  # killed after the first chunk
+
+    monkeypatch.setattr(gen, "save_chunk", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _generate(_argv(exp, tmp_path))
+    monkeypatch.setattr(gen, "save_chunk", real_save)
+    member = os.path.join(run_dir(cfg, 0), "model_1.pth")
+    original = open(member, "rb").read()
+    retrained = MLPEnsemble(cfg["dim"][2], 3, 2, seed=5)
+    retrained.save_member(member, 1)
+    with pytest.raises(ValueError, match="ensemble_sha256"):
+        _generate(_argv(exp, tmp_path))
+    open(member, "wb").write(original)
+    torch.manual_seed(3)  # another checkpoint with the same flags, at the same path
+    model, _ = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **TINY})
+    torch.save(model.state_dict(), cfg["model_path"])
+    with pytest.raises(ValueError, match="model_sha256"):
+        _generate(_argv(exp, tmp_path))
+
+
+def test_a_run_that_fails_before_its_first_chunk_leaves_no_index_that_refuses_the_corrected_rerun(
+        experiment, tmp_path, monkeypatch):
+    exp, _ = experiment
+
+    def fail(*args):
+        raise ValueError("sampling failed")
+
+    real_sample = gen.sample_images
+    monkeypatch.setattr(gen, "sample_images", fail)
+    with pytest.raises(ValueError, match="sampling failed"):
+        _generate(_argv(exp, tmp_path, "--sample_seed", "9"))
+    assert not os.path.exists(tmp_path / "samples_16x16x3_shards" / gen.INDEX_NAME)
+    monkeypatch.setattr(gen, "sample_images", real_sample)
+    assert len(_arrays(_generate(_argv(exp, tmp_path))["path"])[0]) == 5  # other settings: not refused

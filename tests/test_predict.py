@@ -61,14 +61,14 @@ def test_labels_on_the_test_images_equal_the_evaluation(trained, tmp_path):
     assert [os.path.basename(r["image"]) for r in rows] == ["000.png", "001.png", "002.png"]
     for i, row in enumerate(rows):
         evaluated = np.load(os.path.join(run, "predictions", f"{i:03d}.npy"))
-        assert np.array_equal(np.load(tmp_path / f"{i:03d}.npy"), evaluated)
-        mask = Image.open(tmp_path / f"{i:03d}.png")
+        assert np.array_equal(np.load(tmp_path / "masks" / f"{i:03d}.npy"), evaluated)
+        mask = Image.open(tmp_path / "masks" / f"{i:03d}.png")
         assert mask.mode == "P" and np.array_equal(np.asarray(mask), evaluated)
         assert np.array_equal(np.array(mask.getpalette()[:9]).reshape(3, 3), default_palette(3))
         assert float(row["uncertainty_score"]) == pytest.approx(metrics["uncertainty_scores"][i], rel=1e-6)
         shares = np.bincount(evaluated.ravel(), minlength=3) / evaluated.size
         assert np.allclose([float(row[f"class_{c}"]) for c in range(3)], shares, atol=1e-6)
-        assert Image.open(tmp_path / f"{i:03d}_overlay.png").width >= 32
+        assert Image.open(tmp_path / "overlays" / f"{i:03d}.png").width >= 32
 
 
 def test_a_folder_of_mixed_sizes_and_modes_gives_one_mask_per_image_at_its_size(trained, tmp_path, capsys):
@@ -95,15 +95,17 @@ def test_a_folder_of_mixed_sizes_and_modes_gives_one_mask_per_image_at_its_size(
     assert sorted(os.path.relpath(r["image"], folder) for r in rows) == sorted(
         ["wide.png", "grey.jpg", "rgba.png", "deep.png", "sub/paletted.png", "sub/turned.jpg"])
     for stem, size in expected.items():
-        mask = Image.open(out / f"{stem}.png")
+        mask = Image.open(out / "masks" / f"{stem}.png")
         assert mask.mode == "P" and mask.size == (size[1], size[0])
         assert np.asarray(mask).max() < 3
-        assert np.load(out / f"{stem}_uncertainty.npy").shape == size
-        assert Image.open(out / f"{stem}_overlay.png").width >= size[1]
+        assert np.load(out / "uncertainty" / f"{stem}.npy").shape == size
+        assert Image.open(out / "overlays" / f"{stem}.png").width >= size[1]
     for row in rows:
         assert sum(float(row[f"class_{c}"]) for c in range(3)) == pytest.approx(1, abs=1e-5)
         assert (int(row["height"]), int(row["width"])) == expected[os.path.splitext(os.path.relpath(row["image"], folder))[0]]
-    assert not (out / "._wide.png").exists() and not (out / ".hidden.png").exists() and not (out / "broken.png").exists()
+    written = sorted(str(p.relative_to(out)) for p in out.glob("**/*") if p.is_file())
+    assert [p for p in written if "wide" in p or "hidden" in p or "broken" in p] == [
+        "masks/wide.png", "overlays/wide.png", "uncertainty/wide.npy", "uncertainty/wide.png"]
 
 
 def test_suggest_lists_the_most_uncertain_first(trained, tmp_path):
@@ -111,14 +113,14 @@ def test_suggest_lists_the_most_uncertain_first(trained, tmp_path):
     assert predict(run, [os.path.join(os.path.dirname(cfg["training_path"]), "*", "*.png")], tmp_path,
                    "--suggest", "4", "--no_overlay") == 0
     rows = read_csv(tmp_path / "predictions.csv")
-    assert len(rows) == 7 and not list(tmp_path.glob("**/*_overlay.png"))
-    assert (tmp_path / "train" / "000.png").is_file()  # a glob's matches keep their path below its base
+    assert len(rows) == 7 and not (tmp_path / "overlays").exists()
+    assert (tmp_path / "masks" / "train" / "000.png").is_file()  # a glob's matches keep their path below its base
     by_score = sorted(rows, key=lambda r: -float(r["uncertainty_score"]))
     assert (tmp_path / "suggest.txt").read_text().splitlines() == [r["image"] for r in by_score[:4]]
     assert Image.open(tmp_path / "suggest.png").height > 4 * 128
-    # An input inside --out could be overwritten by its own mask (train/000.png here): refused.
+    # An input inside --out could be overwritten by its own mask (masks/train/000.png here): refused.
     with pytest.raises(ValueError, match="lies inside --out"):
-        predict(run, [tmp_path / "train" / "000.png"], tmp_path)
+        predict(run, [tmp_path / "masks" / "train" / "000.png"], tmp_path / "masks")
 
 
 def test_a_stopped_predict_resumes_with_the_images_not_yet_written(trained, tmp_path, monkeypatch):
@@ -141,7 +143,7 @@ def test_a_stopped_predict_resumes_with_the_images_not_yet_written(trained, tmp_
     assert len(segmented) == 4
     stop_at[0] = None
     # The rerun segments only the 3 images the stopped run did not write (and one whose outputs were deleted).
-    os.remove(out / "test" / "001_overlay.png")
+    os.remove(out / "overlays" / "test" / "001.png")
     segmented.clear()
     assert predict(run, inputs, out, "--suggest", "3", "--uncertainty") == 0
     assert len(segmented) == 4
@@ -212,8 +214,8 @@ def test_deeplab_predict(experiment, tmp_path):
         image = read_image(os.path.join(cfg["testing_path"], f"{i:03d}.png"))
         with torch.no_grad():
             expected = model(image_tensor(image, "cpu", "imagenet"))["out"].argmax(1)[0].numpy()
-        assert np.array_equal(np.asarray(Image.open(out / f"{i:03d}.png")), expected)
-    assert Image.open(out / "big.png").size == (48, 40)
+        assert np.array_equal(np.asarray(Image.open(out / "masks" / f"{i:03d}.png")), expected)
+    assert Image.open(out / "masks" / "big.png").size == (48, 40)
     assert len((out / "suggest.txt").read_text().splitlines()) == 2
     with pytest.raises(ValueError, match="predicts 3 classes but"):
         (folder / "experiment.json").write_text(json.dumps({**cfg, "number_class": 4, "deeplab_res": 32}))
@@ -264,21 +266,37 @@ def test_readme_python_example_runs_as_written(trained, tmp_path, monkeypatch):
     assert {tuple(c) for c in mask.reshape(-1, 3)} <= {tuple(c) for c in default_palette(3)}
 
 
-@pytest.mark.parametrize("names,extra,clash", [
-    (["x.png", "x_overlay.png"], [], "x_overlay.png"),
-    (["a.png", "a_uncertainty.png"], ["--uncertainty", "--format", "npy"], "a_uncertainty.npy"),
-    (["suggest.png"], ["--suggest", "1", "--no_overlay"], "suggest.png"),
-])
-def test_inputs_whose_outputs_would_collide_are_refused_before_anything_is_written(trained, tmp_path, names, extra,
-                                                                                      clash):
+def test_no_input_name_makes_one_output_overwrite_another(trained, tmp_path):
+    """Inputs named like another input's outputs or like the run's own files each get their own outputs."""
     _, cfg, run = trained
     folder = tmp_path / "in"
     folder.mkdir()
-    for name in names:
-        shutil.copy(os.path.join(cfg["testing_path"], "000.png"), folder / name)
+    sources = {"x.png": "000", "x_overlay.png": "001", "suggest.png": "002", "x_uncertainty.png": "000",
+               "predictions.png": "001", "masks.png": "002"}
+    for name, source in sources.items():
+        shutil.copy(os.path.join(cfg["testing_path"], f"{source}.png"), folder / name)
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=f"its output {re.escape(clash)} would overwrite"):
-        predict(run, [folder], out, *extra)
+    assert predict(run, [folder], out, "--uncertainty", "--suggest", "2", "--format", "both") == 0
+    for name, source in sources.items():
+        evaluated = np.load(os.path.join(run, "predictions", f"{source}.npy"))
+        stem = os.path.splitext(name)[0]
+        assert np.array_equal(np.asarray(Image.open(out / "masks" / f"{stem}.png")), evaluated), name
+        assert np.array_equal(np.load(out / "masks" / f"{stem}.npy"), evaluated), name
+        assert np.load(out / "uncertainty" / f"{stem}.npy").shape == evaluated.shape
+        assert (out / "overlays" / f"{stem}.png").is_file()
+    assert len(read_csv(out / "predictions.csv")) == len(sources)
+    assert len((out / "suggest.txt").read_text().splitlines()) == 2
+
+
+def test_two_inputs_with_one_output_name_are_refused_before_anything_is_written(trained, tmp_path):
+    _, cfg, run = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(os.path.join(cfg["testing_path"], "000.png"), folder / "x.png")
+    Image.open(os.path.join(cfg["testing_path"], "001.png")).save(folder / "x.jpg")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"would both be written as masks/x\.png"):
+        predict(run, [folder], out)
     assert not out.exists()
 
 

@@ -16,7 +16,6 @@ transformers are an optional extra, imported only when this backbone is built.
 
 import difflib
 import importlib
-import json
 import os
 import re
 import socket
@@ -25,6 +24,7 @@ import urllib.parse
 import numpy as np
 import torch
 
+from ..utils import read_json_object
 from . import check_noise_draws, register, shared_noise, view_noise
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,33 +83,40 @@ def resolve_model_folder(model_path: str) -> str:
     return diffusers.DiffusionPipeline.download(model_path)
 
 
+def load_component(diffusers, folder, name, library, class_name, dtype, random_init, seed):
+    if name == "scheduler":
+        # The denoiser was trained on DDPM noising with these betas; samplers (Euler, DPM-Solver) only
+        # re-parametrise the same process for inference, and some of their add_noise need a sampling schedule.
+        return diffusers.DDPMScheduler.from_config(diffusers.DDPMScheduler.load_config(folder, subfolder=name))
+    cls = getattr(importlib.import_module(library), class_name)
+    if name.startswith("tokenizer"):
+        return cls.from_pretrained(folder, subfolder=name)
+    if library == "transformers":
+        return cls.from_pretrained(folder, subfolder=name, dtype=dtype)
+    if name in DENOISERS and random_init:
+        torch.manual_seed(seed)
+        return cls.from_config(cls.load_config(folder, subfolder=name)).to(dtype)
+    return cls.from_pretrained(folder, subfolder=name, torch_dtype=dtype)
+
+
 def load_components(folder: str, dtype: torch.dtype, random_init: bool = False, seed: int = 0) -> dict:
     """The pipeline parts feature extraction needs, by their model_index.json names (safety checker,
     image processor and the like are not loaded). random_init: the denoiser at random initialisation from its
     config (a baseline), the encoders pretrained."""
     diffusers, _ = import_diffusers()
-    with open(os.path.join(folder, "model_index.json")) as f:
-        index = json.load(f)
+    index = read_json_object(os.path.join(folder, "model_index.json"), "diffusers pipeline index")
     parts = {}
     for name in COMPONENTS:
         library, class_name = (index.get(name) or [None, None])[:2]
         if class_name is None:
             continue
-        if name == "scheduler":
-            # The denoiser was trained on DDPM noising with these betas; samplers (Euler, DPM-Solver) only
-            # re-parametrise the same process for inference, and some of their add_noise need a sampling schedule.
-            parts[name] = diffusers.DDPMScheduler.from_config(diffusers.DDPMScheduler.load_config(folder, subfolder=name))
-            continue
-        cls = getattr(importlib.import_module(library), class_name)
-        if name.startswith("tokenizer"):
-            parts[name] = cls.from_pretrained(folder, subfolder=name)
-        elif library == "transformers":
-            parts[name] = cls.from_pretrained(folder, subfolder=name, dtype=dtype)
-        elif name in DENOISERS and random_init:
-            torch.manual_seed(seed)
-            parts[name] = cls.from_config(cls.load_config(folder, subfolder=name)).to(dtype)
-        else:
-            parts[name] = cls.from_pretrained(folder, subfolder=name, torch_dtype=dtype)
+        try:
+            parts[name] = load_component(diffusers, folder, name, library, class_name, dtype, random_init, seed)
+        except (OSError, ValueError, ImportError, AttributeError, EnvironmentError) as e:
+            # A missing weights file, a broken config.json, an unknown class: one line naming the part.
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{os.path.join(folder, name)}: cannot load the pipeline's {name} ({class_name}): "
+                             f"{reason}") from None
     denoisers = [n for n in DENOISERS if n in parts]
     if len(denoisers) != 1 or "scheduler" not in parts:
         raise ValueError(f"{folder}/model_index.json: expected one denoiser (unet or transformer) and a scheduler, "
