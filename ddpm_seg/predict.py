@@ -236,19 +236,19 @@ def predict(args) -> dict:
         raise ValueError("--model_path goes with --run_dir (the DDPM backbone); a DeepLab needs none")
     check_writable(args.out)
     inputs = collect_inputs(args.input, args.out)
-    os.makedirs(args.out, exist_ok=True)
-    with folder_lock(args.out, "predict"):
-        return segment_inputs(args, inputs)
-
-
-def segment_inputs(args, inputs) -> dict:
-    """Segment every input; returns {"rows": per image (input order), "failed": [(path, reason)],
-    "suggested": [paths], "seconds", "images_per_s"}."""
     if args.deeplab:
         segmenter = DeepLabSegmenter.load(args.deeplab, args.exp, resolve_device(args.device))
     else:
         segmenter = Interpreter.load(args.run_dir, args.model_path, args.device)
         segmenter.extract_batch = args.batch_size  # one backbone forward per batch of inputs
+    os.makedirs(args.out, exist_ok=True)  # only once the inputs and the model are known to be good
+    with folder_lock(args.out, "predict"):
+        return segment_inputs(args, inputs, segmenter)
+
+
+def segment_inputs(args, inputs, segmenter) -> dict:
+    """Segment every input; returns {"rows": per image (input order), "failed": [(path, reason)],
+    "suggested": [paths], "seconds", "images_per_s"}."""
     journal_path, header = os.path.join(args.out, JOURNAL_NAME), run_header(args, segmenter)
     done = read_journal(journal_path, header)
     if not done:
