@@ -1,6 +1,7 @@
 """DeepLabV3 as train-deeplab trains it, and as a segmenter of images of any size for `ddpm-seg predict`
 (no DDPM needed at inference)."""
 
+import math
 import os
 
 import torch
@@ -47,6 +48,11 @@ class DeepLabSegmenter:
         self.class_names, self.palette = class_table(cfg)
         self.number_class, self.ignore_label = cfg["number_class"], cfg["ignore_label"]
         self.resolution = (cfg["deeplab_res"], cfg["deeplab_res"])
+
+    @property
+    def uncertainty_max(self) -> float:
+        """The largest softmax entropy, ln(classes) nats: the top of every picture's uncertainty colour scale."""
+        return math.log(self.number_class)
 
     @classmethod
     def load(cls, checkpoint, exp=None, device="cpu"):

@@ -36,7 +36,9 @@ def files_sha256(paths) -> str:
 
 def path_sha256(path):
     """sha256 of a checkpoint: a file's bytes, or a folder's (e.g. a diffusers pipeline) files with their
-    relative paths; None for a name that is no path here (a hub id: its name is the identity)."""
+    relative paths; None for no checkpoint or a name that is no path here (a hub id: its name is the identity)."""
+    if path is None:
+        return None
     if os.path.isfile(path):
         return file_sha256(path)
     if not os.path.isdir(path):

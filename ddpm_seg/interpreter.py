@@ -15,6 +15,7 @@ members vote. The members are the same: only reading the image several ways chan
     labels, uncertainty, score = interp(Image.open("photo.jpg"))
 """
 
+import math
 import os
 import re
 
@@ -26,11 +27,12 @@ from PIL import Image
 from .backbones import EXTRACT_DTYPES, create_feature_extractor, extract_batches
 from .class_info import class_table
 from .config import validate_experiment
-from .data import image_to_rgb, resize_image
+from .data import image_to_rgb, read_image, resize_image
 from .ensemble import MLPEnsemble, predict_logits
 from .evaluate import ConfusionMatrix, image_uncertainty_score, iou_metrics, majority_vote, uncertainty_map
+from .fingerprint import path_sha256, short
 from .utils import atomic_save_npy, progress_bar, read_json_object, resolve_device
-from .visualize import save_prediction_picture
+from .visualize import save_mask_png, save_prediction_picture, save_segmentation_picture
 
 SETTINGS_NAME = "settings.json"
 # Test views as (quarter turns, then a left-right flip): identity, left-right flip, top-bottom flip, half turn
@@ -57,6 +59,19 @@ def load_ensemble(cfg, folder, seed, device):
     return ensemble.eval()
 
 
+def check_checkpoint(settings, cfg, source):
+    """Refuse a backbone checkpoint other than the one the members were trained on (settings.json's
+    "model_sha256"; folders that predate the key are not checked): its features would give other labels."""
+    recorded = settings.get("model_sha256")
+    if settings.get("random_init") or recorded is None:
+        return
+    found = path_sha256(cfg.get("model_path"))
+    if found is not None and found != recorded:
+        raise ValueError(f"{source}: the members were trained on the features of a checkpoint with sha256 "
+                         f"{short(recorded)}, but {cfg['model_path']} has {short(found)}; pass the checkpoint "
+                         "they were trained with")
+
+
 def recorded_extract_dtype(settings, source):
     """The --extract_dtype name a run folder's features were made in (settings.json's "extract_dtype"); fp32
     for folders that predate the key (their evaluation extracted in float32)."""
@@ -77,7 +92,10 @@ def run_extract_dtype(run_dir, requested):
 
 
 def as_rgb(image) -> np.ndarray:
-    """A PIL image (any mode, EXIF orientation applied) or a uint8 array [H, W, 3] -> uint8 [H, W, 3]."""
+    """An image file's path (str or os.PathLike; read_image, whose errors name the file), a PIL image (any
+    mode, EXIF orientation applied) or a uint8 array [H, W, 3] -> uint8 [H, W, 3]."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(os.fspath(image))
     if isinstance(image, Image.Image):
         return image_to_rgb(image)
     image = np.asarray(image)
@@ -177,6 +195,7 @@ class Interpreter:
         if not settings["random_init"] and cfg["model_type"] != "diffusers" and not os.path.exists(cfg["model_path"]):
             raise FileNotFoundError(f"{path}: the backbone checkpoint {cfg['model_path']!r} it was trained with does "
                                     "not exist here; pass its path (--model_path, or Interpreter.load(..., model_path=))")
+        check_checkpoint(settings, cfg, path)
         device = resolve_device(device)
         extractor = create_feature_extractor(cfg, settings["model_flags"], device, seed=seed,
                                              random_init=settings["random_init"],
@@ -206,14 +225,41 @@ class Interpreter:
         return [(p / self.views).clamp_min(torch.finfo(p.dtype).tiny).log() for p in probs]
 
     def segment(self, images):
-        """[(labels uint8 [H, W], uncertainty float32 [H, W], score)] for images (PIL or uint8 [H, W, 3])
-        of any sizes; each result at its image's size."""
+        """[(labels uint8 [H, W], uncertainty float32 [H, W], score)] for a list of images (file paths, PIL
+        images or uint8 arrays [H, W, 3]) of any sizes; each result at its image's size."""
+        if isinstance(images, (str, os.PathLike)):
+            raise TypeError(f"segment takes a list of images, got the path {images!r}; segment one image with "
+                            "interpreter(path)")
         images = [as_rgb(image) for image in images]
         logits = self.logits([resize_image(image, self.resolution) for image in images])
         return [segment_logits(image_logits, image.shape[:2]) for image, image_logits in zip(images, logits)]
 
     def __call__(self, image):
+        """(labels uint8 [H, W], uncertainty float32 [H, W] in nats, score) for one image: a file path, a PIL
+        image or a uint8 array [H, W, 3]."""
         return self.segment([image])[0]
+
+    @property
+    def uncertainty_max(self) -> float:
+        """The largest uncertainty a pixel can have, in nats: ln(min(members, classes)), the mutual information
+        when each member is sure of its class and the members split evenly over min(members, classes) classes.
+        Pictures scale their uncertainty colours from 0 to it, so that a colour means one value in every
+        picture of a run."""
+        return math.log(min(self.ensemble.num_members, self.number_class))
+
+    def save_mask(self, path, labels) -> None:
+        """Write labels (class ids [H, W], as segment returns them) as a palette-indexed PNG: each pixel's
+        value is its class id (np.asarray(Image.open(path)) gives the ids back), shown in the experiment's
+        colours."""
+        save_mask_png(path, labels, self.palette)
+
+    def save_overlay(self, path, image, labels, uncertainty=None) -> None:
+        """Write a PNG to read at a glance: image | mask | overlay (| uncertainty), enlarged when small, with the
+        class names and colours below (visualize.save_segmentation_picture). image: what segment takes;
+        labels and uncertainty as segment returns them for it. The uncertainty colour bar runs from 0 to
+        uncertainty_max, the same for every image."""
+        save_segmentation_picture(path, as_rgb(image), labels, self.palette, self.class_names,
+                                  uncertainty=uncertainty, uncertainty_max=self.uncertainty_max)
 
 
 def evaluate(interpreter, items, folder, pictures=True):
@@ -245,5 +291,6 @@ def evaluate_one(interpreter, item, pred, unc, matrix, folder, root, pictures):
     atomic_save_npy(os.path.join(folder, "predictions", stem + ".npy"), pred)
     if pictures:
         save_prediction_picture(os.path.join(folder, "predictions", stem + ".png"), item.image, item.label,
-                                pred, unc, interpreter.palette, interpreter.ignore_label,
+                                pred, unc, interpreter.palette, interpreter.ignore_label, interpreter.class_names,
+                                uncertainty_max=interpreter.uncertainty_max,
                                 scale=max(1, 128 // min(item.label.shape)))

@@ -8,9 +8,11 @@ one folder per kind of output, each mirroring the images' paths below their inpu
 input name can make one output overwrite another:
     masks/<stem>.png           palette-indexed PNG of class ids in the experiment's palette (--format png|both)
     masks/<stem>.npy           uint8 class ids (--format npy|both)
-    overlays/<stem>.png        image | mask | overlay with a legend of the class names (--no_overlay: none)
+    overlays/<stem>.png        image | mask | overlay (| uncertainty), enlarged, with a legend of the class names
+                               (--no_overlay: none)
     uncertainty/<stem>.png/.npy  the per-pixel uncertainty: the members' disagreement; DeepLab: softmax
-                               entropy (--uncertainty)
+                               entropy (--uncertainty); the picture's colours run from 0 to the largest
+                               possible value, the same for every image
     predictions.csv            image, width, height, uncertainty score (mean of the top 10% pixels), the
                                pixel share of each class
     suggest.txt, suggest.png   with --suggest K: the K images with the highest uncertainty score, most
@@ -43,7 +45,7 @@ from .fingerprint import file_sha256, files_sha256, path_sha256
 from .interpreter import Interpreter, member_path
 from .utils import (append_line, atomic_path, atomic_save_npy, check_writable, folder_lock, progress_bar,
                     resolve_device)
-from .visualize import heatmap, save_contact_sheet, save_overlay_picture
+from .visualize import heatmap, save_contact_sheet, save_mask_png, save_segmentation_picture
 
 SUGGEST_THUMBNAIL = 128  # pixels, the longer side of a contact-sheet thumbnail
 JOURNAL_NAME = ".predict_journal.jsonl"
@@ -127,14 +129,6 @@ def collect_inputs(patterns, out_dir) -> list:
     return inputs
 
 
-def save_label_png(path, labels, palette) -> None:
-    """uint8 class ids [H, W] as a palette-indexed PNG (index = class id) with the experiment's colours."""
-    mask = Image.frombytes("P", (labels.shape[1], labels.shape[0]), np.ascontiguousarray(labels, np.uint8).tobytes())
-    mask.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
-    with atomic_path(path) as tmp:
-        mask.save(tmp, format="PNG")
-
-
 def output_files(args) -> list:
     """(folder, extension) of every file predict writes of each input: one folder per kind of output."""
     files = {"png": [("masks", ".png")], "npy": [("masks", ".npy")],
@@ -149,16 +143,17 @@ def output_path(out, kind, stem, extension) -> str:
 
 def write_outputs(out, stem, image, labels, unc, segmenter, args) -> None:
     if args.format in ("png", "both"):
-        save_label_png(output_path(out, "masks", stem, ".png"), labels, segmenter.palette)
+        save_mask_png(output_path(out, "masks", stem, ".png"), labels, segmenter.palette)
     if args.format in ("npy", "both"):
         atomic_save_npy(output_path(out, "masks", stem, ".npy"), labels)
-    if args.overlay:
-        save_overlay_picture(output_path(out, "overlays", stem, ".png"), image, labels, segmenter.palette,
-                             segmenter.class_names)
+    if args.overlay:  # with the uncertainty panel under --uncertainty; one colour scale for every image
+        save_segmentation_picture(output_path(out, "overlays", stem, ".png"), image, labels, segmenter.palette,
+                                  segmenter.class_names, uncertainty=unc if args.uncertainty else None,
+                                  uncertainty_max=segmenter.uncertainty_max)
     if args.uncertainty:
         atomic_save_npy(output_path(out, "uncertainty", stem, ".npy"), unc)
         with atomic_path(output_path(out, "uncertainty", stem, ".png")) as tmp:
-            Image.fromarray(heatmap(unc)).save(tmp, format="PNG")
+            Image.fromarray(heatmap(unc, segmenter.uncertainty_max)).save(tmp, format="PNG")
 
 
 def thumbnail(array, resample):
@@ -190,7 +185,8 @@ def run_header(args, segmenter) -> dict:
         model = {"deeplab_sha256": file_sha256(args.deeplab)}
     else:
         members = [member_path(args.run_dir, m) for m in range(segmenter.cfg["model_num"])]
-        model = {"members_sha256": files_sha256(members), "model_sha256": path_sha256(segmenter.cfg["model_path"])}
+        model = {"members_sha256": files_sha256(members),
+                 "model_sha256": path_sha256(segmenter.cfg.get("model_path"))}
     return {"model": model, "config": segmenter.cfg, "format": args.format, "overlay": args.overlay,
             "uncertainty": args.uncertainty}
 

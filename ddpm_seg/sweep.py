@@ -32,6 +32,7 @@ from .data import load_split
 from .ensemble import MLPEnsemble
 from .evaluate import ConfusionMatrix
 from .feature_store import FeatureStore
+from .fingerprint import data_sha256, path_sha256
 from .interpreter import segment_maps
 from .recipe import RECIPES, make_recipe, train_members
 from .training import (AUTOCAST, add_precision_args, extract_training_store, resolve_autocast, store_dtype_name,
@@ -112,12 +113,15 @@ def run_sweep(cfg, exp_path, model_flags, args):
     limits = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
     recipe = make_recipe(args.recipe, config_batch=cfg["batch_size"])
 
-    # A disk feature cache left by an interrupted sweep is only reused for the same model, data and blocks.
+    # A disk feature cache left by an interrupted sweep is only reused for the same model, data and blocks
+    # (the checkpoint and the training images compared by content).
     check_writable(args.out)
     os.makedirs(os.path.join(args.out, "features"), exist_ok=True)
     check_settings(os.path.join(args.out, "features", "settings.json"),
                    {"config": cfg, "model_flags": model_flags, "steps": steps, "blocks": blocks,
                     "seed": args.seed, "store_dtype": store_dtype_name(args),
+                    "model_sha256": path_sha256(cfg.get("model_path")),
+                    "training_data_sha256": data_sha256(train_items),
                     "extract_dtype": dtype_name(extract_dtype(args.extract_dtype, device,
                                                               bool(model_flags.get("use_fp16"))))}, write=True)
 

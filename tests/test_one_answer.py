@@ -35,7 +35,7 @@ def test_every_path_gives_the_labels_the_evaluation_wrote(tmp_path, cpu_branch, 
         assert cli_main(["predict", "--run_dir", run, "--input", *images, "--out", str(out), "--device", "cpu",
                          "--format", "npy", "--no_overlay", "--batch_size", batch]) == 0
         for path, labels in zip(images, evaluated):
-            assert np.array_equal(np.load(out / (os.path.basename(path)[:-4] + ".npy")), labels)
+            assert np.array_equal(np.load(out / "masks" / (os.path.basename(path)[:-4] + ".npy")), labels)
 
     interpreter = Interpreter.load(run, device="cpu")
     for (labels, _, _), expected in zip(interpreter.segment([Image.open(p) for p in images]), evaluated):
