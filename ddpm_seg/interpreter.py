@@ -264,18 +264,24 @@ class Interpreter:
 
 def evaluate(interpreter, items, folder, pictures=True):
     """Segment labelled items (at the experiment's resolution), write predictions/<stem>.npy (and .png
-    pictures) in `folder`, return the metrics: mIoU, per-class IoU, uncertainty scores."""
+    pictures) in `folder`, return the metrics: mIoU, per-class IoU, uncertainty scores. Afterwards
+    predictions/ holds this evaluation's files only (those of an earlier evaluation on other images go)."""
     matrix = ConfusionMatrix(interpreter.number_class, interpreter.ignore_label)
     scores = []
-    root = os.path.commonpath([os.path.dirname(it.path) for it in items])
+    stems = prediction_stems(items)
     bar = progress_bar(total=len(items), desc="evaluate")
     for start in range(0, len(items), interpreter.extract_batch):
         chunk = items[start:start + interpreter.extract_batch]
-        for item, (pred, unc, score) in zip(chunk, interpreter.segment([it.image for it in chunk])):
-            evaluate_one(interpreter, item, pred, unc, matrix, folder, root, pictures)
+        for k, (pred, unc, score) in enumerate(interpreter.segment([it.image for it in chunk])):
+            evaluate_one(interpreter, chunk[k], stems[start + k], pred, unc, matrix, folder, pictures)
             scores.append(score)
         bar.update(len(chunk))
     bar.close()
+    kept = {stem + ext for stem in stems for ext in ([".npy", ".png"] if pictures else [".npy"])}
+    predictions = os.path.join(folder, "predictions")
+    for name in os.listdir(predictions):
+        if name.endswith((".npy", ".png")) and name not in kept:
+            os.remove(os.path.join(predictions, name))
     return {
         **iou_metrics(matrix, interpreter.class_names, interpreter.ignore_label),
         "mean_uncertainty": float(np.mean(scores)),
@@ -284,10 +290,24 @@ def evaluate(interpreter, items, folder, pictures=True):
     }
 
 
-def evaluate_one(interpreter, item, pred, unc, matrix, folder, root, pictures):
+def prediction_stems(items) -> list:
+    """Each item's file name under predictions/: its path below the items' common folder, "/" as "__"; two
+    items with one name are refused."""
+    root = os.path.commonpath([os.path.dirname(it.path) for it in items])
+    stems, owner = [], {}
+    for item in items:
+        stem = os.path.splitext(os.path.relpath(item.path, root))[0].replace(os.sep, "__")
+        if stem in owner:
+            raise ValueError(f"{owner[stem]!r} and {item.path!r} would both be saved as predictions/{stem}.npy; "
+                             "rename one of them")
+        owner[stem] = item.path
+        stems.append(stem)
+    return stems
+
+
+def evaluate_one(interpreter, item, stem, pred, unc, matrix, folder, pictures):
     """Count one test image's prediction in `matrix` and save it (and its picture) under folder/predictions."""
     matrix.update(pred, item.label)
-    stem = os.path.splitext(os.path.relpath(item.path, root))[0].replace(os.sep, "__")
     atomic_save_npy(os.path.join(folder, "predictions", stem + ".npy"), pred)
     if pictures:
         save_prediction_picture(os.path.join(folder, "predictions", stem + ".png"), item.image, item.label,

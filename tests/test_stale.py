@@ -190,3 +190,15 @@ def test_train_ddpm_names_and_leaves_out_an_unreadable_image(tmp_path, capsys):
     assert [os.path.basename(p) for p in dataset.paths] == ["0.png", "1.png", "2.png"]
     assert "bomb.png" in capsys.readouterr().err
     assert torch.equal(dataset[1], torch.full((3, 8, 8), 40 / 127.5 - 1))
+
+
+def test_predictions_of_an_earlier_evaluation_on_other_images_go(trained, tmp_path):
+    exp, cfg, run = trained
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    (folder / "predictions" / "002.png").write_bytes(b"a picture of an earlier evaluation")
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps({**cfg, "testing_number": 2}))
+    assert train(fewer, "--run_dir", str(folder)) == 0  # --no_pictures: no picture is current
+    assert sorted(os.listdir(folder / "predictions")) == ["000.npy", "001.npy"]
+    assert json.load(open(folder / "metrics.json"))["num_test_images"] == 2
