@@ -216,7 +216,7 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
     # The checkpoint's and the members' contents too: samples made or labelled by others are never mixed in.
     settings = {**{k: v for k, v in opts.items() if k != "num_samples"}, "seed": args.seed, "exp": cfg,
                 "model_flags": flags, "ensemble_dir": os.path.abspath(ensemble_dir),
-                "model_sha256": path_sha256(cfg["model_path"]),
+                "model_sha256": path_sha256(cfg.get("model_path")),
                 "extract_dtype": dtype_name(extract_dtype(dtype, device, bool(flags.get("use_fp16"))))}
     # Features on the full process the ensemble was trained with; sampling on the (maybe respaced) one.
     # Both are built before anything is written, so a wrong --seed or --run_dir leaves no folder behind.

@@ -202,7 +202,7 @@ def run(cfg, exp_path, model_flags, args):
     if args.eval_only and todo:
         raise FileNotFoundError(f"--eval_only: {folder} lacks {[os.path.basename(member_path(folder, m)) for m in todo]}")
     settings = {"config": cfg, "model_flags": model_flags, "seed": args.seed, "random_init": args.random_init,
-                "model_sha256": None if args.random_init else path_sha256(cfg["model_path"]),
+                "model_sha256": None if args.random_init else path_sha256(cfg.get("model_path")),
                 "extract_dtype": extract_dtype_name}
     if not todo:
         check_finished_folder(os.path.join(folder, SETTINGS_NAME), settings)
