@@ -65,9 +65,9 @@ def add_args(parser):
     parser.add_argument("--batch_size", type=int, default=1, help="images segmented per call")
     parser.add_argument("--format", choices=["png", "npy", "both"], default="png", help="how masks are written")
     parser.add_argument("--overlay", dest="overlay", action="store_true", default=True,
-                        help="write <stem>_overlay.png (the default)")
+                        help="write overlays/<stem>.png (the default)")
     parser.add_argument("--no_overlay", dest="overlay", action="store_false", help="write no overlays")
-    parser.add_argument("--uncertainty", action="store_true", help="write <stem>_uncertainty.png and .npy")
+    parser.add_argument("--uncertainty", action="store_true", help="write uncertainty/<stem>.png and .npy")
     parser.add_argument("--suggest", type=int, default=0, metavar="K",
                         help="write suggest.txt and suggest.png: the K most uncertain images, to label next")
 
