@@ -43,6 +43,7 @@ from .config import check_paths, experiment_suffix, load_experiment, run_dir
 from .data import list_images, load_labelled_folder, resize_image, resize_label, synthetic_dataset_path
 from .deeplab import DEEPLABS, EXPERIMENT_NAME, build_deeplab
 from .evaluate import ConfusionMatrix, iou_metrics
+from .fingerprint import data_sha256, file_sha256
 from .utils import (atomic_torch_save, atomic_write_json, check_settings, check_writable, derive_seed, distributed,
                     progress_bar, seed_arg, seed_everything)
 
@@ -217,7 +218,9 @@ def _run(cfg, args, rank, world_size, device):
     test_items = load_labelled_folder(cfg["testing_path"], cfg["testing_number"], size, num_classes, ignore,
                                       palette=palette)
 
-    settings = {"data_path": os.path.abspath(data_path), "max_data": args.max_data,
+    # The synthetic dataset and the validation images by content: a run is never resumed on other data.
+    settings = {"data_path": os.path.abspath(data_path), "data_sha256": file_sha256(data_path),
+                "validation_sha256": data_sha256(val_items), "max_data": args.max_data,
                 "uncertainty_portion": args.uncertainty_portion, "drop_most_certain": args.drop_most_certain,
                 "backbone": args.backbone, "backbone_weights": args.backbone_weights,
                 "learning_rate": args.learning_rate, "batch_size": args.batch_size, "deeplab_res": res,

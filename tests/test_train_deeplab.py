@@ -153,6 +153,17 @@ def test_bad_labels_and_changed_settings_are_refused(experiment, tmp_path):
         _train(exp, str(tmp_path / "samples_32x32x3.npz"), tmp_path / "run", 1)
 
 
+def test_a_dataset_regenerated_under_its_name_is_not_resumed_on(experiment, tmp_path):
+    exp, _ = experiment
+    data = tmp_path / "samples_32x32x3.npz"
+    _train(exp, str(data), tmp_path / "run", 1)
+    with np.load(data) as npz:
+        images, labels, scores = npz["arr_0"], npz["arr_1"], npz["arr_2"]
+    save_npz(str(data), images[::-1].copy(), labels[::-1].copy(), scores[::-1].copy())  # other samples, same name
+    with pytest.raises(ValueError, match="data_sha256"):
+        _train(exp, str(data), tmp_path / "run", 2)
+
+
 def test_two_gloo_processes_train_with_ddp(experiment, tmp_path):
     exp, _ = experiment
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
