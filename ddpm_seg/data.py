@@ -244,7 +244,7 @@ def load_labelled_folder(folder: str, number: int, size, number_class: int, igno
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder!r}")
     check_unique_stems(paths)
-    items, stretched, skipped = [], [], 0
+    items, stretched, skipped = [], [], []
     for path in paths:
         if len(items) == number:
             break
@@ -252,7 +252,7 @@ def load_labelled_folder(folder: str, number: int, size, number_class: int, igno
             image = read_image(path)
         except ValueError as e:  # one unreadable image is named and left out, the next one takes its place
             print(f"skipped {e}", file=sys.stderr)
-            skipped += 1
+            skipped.append(str(e))
             continue
         label = read_label(path, folder, image.shape, number_class, ignore_label, palette)
         if image.shape[0] * size[1] != image.shape[1] * size[0]:
@@ -266,12 +266,12 @@ def load_labelled_folder(folder: str, number: int, size, number_class: int, igno
                       file=sys.stderr)
                 label = drop_small_classes(label, number_class, ignore_label)
         items.append(LabelledImage(path, resize_image(image, size), label))
+    if skipped and not items:
+        raise ValueError(f"no readable images under {folder!r}: {skipped[0]}")
     if len(items) < number:
-        unreadable = f" ({skipped} unreadable)" if skipped else ""
+        unreadable = f" ({len(skipped)} unreadable)" if skipped else ""
         warnings.warn(f"{folder!r} has {len(items)} readable images{unreadable}, fewer than the {number} requested; "
                       "using all of them")
-    if not items:
-        raise ValueError(f"no readable images under {folder!r}")
     if stretched:
         print(f"{folder}: {len(stretched)} of {len(items)} images are not in the {size[1]}x{size[0]} shape of the "
               f"experiment and are stretched to it (e.g. {stretched[0]}); crop or pad them first to keep their "

@@ -105,7 +105,7 @@ def run_sweep(cfg, exp_path, model_flags, args):
         # A sweep scores its cells in one view: view 0's noise, the training features'.
         noise = view_noise(base.noise, base.noise_draws, 0)
         extractors = {t: DDPMFeatureExtractor(base.model, base.diffusion, [t], blocks, base.input_activations,
-                                              noise, base.noise_draws) for t in steps}
+                                              noise, base.noise_draws, noise_seed=base.noise_seed) for t in steps}
     else:
         extractors = {t: base.at_steps([t]) for t in steps}
     train_items, test_items = load_split(cfg, "train"), load_split(cfg, "test")

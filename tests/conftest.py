@@ -1,5 +1,8 @@
+import contextlib
 import json
 import os
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -13,7 +16,7 @@ REFERENCE_DIR = os.path.join(os.path.dirname(ROOT), "shared", "reference")
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 from scenes import write_splits  # noqa: E402
 
-from ddpm_seg.utils import NATIVE_BF16_ENV  # noqa: E402
+from ddpm_seg.utils import LOCK_NAME, NATIVE_BF16_ENV  # noqa: E402
 
 # Every "auto" precision choice follows the CPU's bf16 flags. The suite takes the float32 branch on every machine
 # (here and in the commands the tests start as subprocesses); tests of the bf16 branch ask for `cpu_bf16`.
@@ -71,3 +74,16 @@ def make_experiment(tmp_path):
 @pytest.fixture
 def experiment(tmp_path):
     return make_experiment(tmp_path)
+
+
+@contextlib.contextmanager
+def lock_held_by_a_live_process(folder):
+    """A lock file in `folder` naming a live process on this host (as a running job leaves it); the process
+    ends on exit, leaving the lock stale. Yields the owner's pid."""
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / LOCK_NAME).write_text(f"{owner.pid} {socket.gethostname()}\n")
+        yield owner.pid
+    finally:
+        owner.kill()
+        owner.wait()

@@ -71,6 +71,30 @@ def test_shared_noise_is_seeded_and_fresh_noise_is_not():
     assert not torch.allclose(a[0], c[0])
 
 
+def test_without_shared_noise_an_image_gets_its_own_noise_whatever_is_extracted_beside_it():
+    """Each image's noise is seeded by the run's seed and its pixels: a resumed extraction, an evaluation and
+    predict give one image the same features, and two images get different noise."""
+    model, diffusion = _model()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    images[2] = images[0]
+    extractor = DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, None, noise_seed=4)
+    alone = extractor(images[1])
+    extractor(images[0])  # what was extracted before does not matter
+    batched = extractor(images)
+    assert all(torch.allclose(a, b[1], atol=1e-5) for a, b in zip(alone, batched))
+    assert all(torch.equal(b[0], b[2]) for b in batched)  # the same pixels, the same noise
+    noised = []
+    original_q_sample = diffusion.q_sample
+    diffusion.q_sample = lambda x, t, noise: noised.append(noise) or original_q_sample(x, t, noise=noise)
+    extractor(images[:2])
+    DDPMFeatureExtractor(model, diffusion, STEPS, BLOCKS, False, None, noise_seed=5)(images[:1])
+    steps = len(STEPS)
+    assert not torch.equal(noised[0][:steps], noised[0][steps:])  # two images, two noises
+    assert not torch.equal(noised[0][0], noised[0][1])  # a noise per step
+    assert not torch.equal(noised[0][:steps], noised[1])  # another seed, another noise
+
+
 def test_out_of_range_blocks_and_steps():
     model, diffusion = _model()
     with pytest.raises(ValueError, match=r"blocks \[8\] out of range: this UNet has output blocks 0..7"):

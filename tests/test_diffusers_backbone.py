@@ -20,7 +20,7 @@ import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from scenes import write_splits  # noqa: E402
 
-from ddpm_seg.backbones import create_feature_extractor  # noqa: E402
+from ddpm_seg.backbones import create_feature_extractor, hf_diffusion  # noqa: E402
 from ddpm_seg.backbones.hf_diffusion import DiffusersFeatureExtractor, latent_shape, load_components  # noqa: E402
 from ddpm_seg.bench_diffusers import ARCHS, feature_shapes  # noqa: E402
 from ddpm_seg.cli import main as cli_main  # noqa: E402
@@ -213,18 +213,21 @@ def test_latent_models_give_maps_on_the_latent_grid(pipelines):
 
 
 @pytest.mark.parametrize("share_noise", [True, False])
-def test_noise_draws_average_single_draws(pipelines, share_noise):
+def test_noise_draws_average_single_draws(pipelines, share_noise, monkeypatch):
     image = images(1)[0]
-    torch.manual_seed(5)
+    real_image_noise = hf_diffusion.image_noise
     three = extractor(pipelines["sd"], blocks=BLOCKS["sd"], noise_draws=3, share_noise=share_noise)
     mean = three(image)
-    torch.manual_seed(5)  # the same unshared draws, one per call
     one = extractor(pipelines["sd"], blocks=BLOCKS["sd"], share_noise=share_noise)
     singles = []
     for k in range(3):
         if share_noise:
             one.noise = three.noise[k:k + 1]
-        singles.append(one(image))
+            singles.append(one(image))
+        else:  # the image's own draw k, given to a one-draw extractor as its draw 0
+            with monkeypatch.context() as patch:
+                patch.setattr(hf_diffusion, "image_noise", lambda *a, k=k: real_image_noise(*a[:3], k, *a[4:]))
+                singles.append(one(image))
     for i, m in enumerate(mean):
         torch.testing.assert_close(m, sum(s[i] for s in singles) / 3, rtol=1e-6, atol=1e-6)
         assert not torch.allclose(singles[0][i], singles[1][i])  # the draws differ
@@ -236,8 +239,11 @@ def test_share_noise_makes_extraction_deterministic(pipelines):
     assert all(torch.equal(a, b) for a, b in zip(shared(image), shared(image)))
     again = extractor(pipelines["sdxl"], blocks=BLOCKS["sdxl"])  # the same seed gives the same noise
     assert all(torch.equal(a, b) for a, b in zip(shared(image), again(image)))
+    # Without share_noise an image's noise is its own, seeded by the run's seed and its pixels: the same each time.
     fresh = extractor(pipelines["sdxl"], blocks=BLOCKS["sdxl"], share_noise=False)
-    assert not torch.equal(fresh(image)[0], fresh(image)[0])
+    assert torch.equal(fresh(image)[0], fresh(image)[0]) and not torch.equal(fresh(image)[0], shared(image)[0])
+    other = images(1, seed=1)[0]
+    assert torch.allclose(fresh(np.stack([other, image]))[0][1], fresh(image)[0], atol=1e-5)
 
 
 def test_forward_stops_after_the_last_named_module(pipelines):
@@ -382,7 +388,8 @@ def test_train_interpreter_end_to_end(sd_experiment):
     evaluated = sorted(os.listdir(os.path.join(folder, "predictions")))
     assert len(evaluated) == 3
     for name in evaluated:
-        assert np.array_equal(np.load(os.path.join(out, name)), np.load(os.path.join(folder, "predictions", name)))
+        assert np.array_equal(np.load(os.path.join(out, "masks", name)),
+                              np.load(os.path.join(folder, "predictions", name)))
 
 
 def test_sweep_over_module_names(sd_experiment, tmp_path):

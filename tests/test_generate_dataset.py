@@ -17,6 +17,7 @@ from ddpm_seg.config import run_dir
 from ddpm_seg.ensemble import MLPEnsemble, predict_logits
 from ddpm_seg.evaluate import image_uncertainty_score, majority_vote, uncertainty_map
 from ddpm_seg.utils import LOCK_NAME
+from conftest import lock_held_by_a_live_process
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,15 +186,10 @@ def test_a_second_run_into_the_same_folder_is_refused_not_left_waiting(experimen
     exp, _ = experiment
     folder = tmp_path / "samples_16x16x3_shards"
     folder.mkdir()
-    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live run holding the lock
-    try:
-        (folder / LOCK_NAME).write_text(f"{owner.pid} {__import__('socket').gethostname()}\n")
-        with pytest.raises(ValueError, match=rf"in use by another generate-dataset run \(process {owner.pid} on"):
+    with lock_held_by_a_live_process(folder) as owner:
+        with pytest.raises(ValueError, match=rf"in use by another generate-dataset run \(process {owner} on"):
             _generate(_argv(exp, tmp_path))
         assert sorted(os.listdir(folder)) == [LOCK_NAME]  # nothing written, the owner's lock kept
-    finally:
-        owner.kill()
-        owner.wait()
     # Its process gone, the lock is stale: the next run takes it over, finishes and releases it.
     result = _generate(_argv(exp, tmp_path))
     assert len(_arrays(result["path"])[0]) == 5 and not os.path.exists(folder / LOCK_NAME)

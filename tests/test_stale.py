@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import ddpm_seg
-from conftest import TINY, make_experiment
+from conftest import TINY, lock_held_by_a_live_process, make_experiment
 from ddpm_seg.cli import main as cli_main
 from ddpm_seg.train_ddpm import ImageFolderDataset
 from ddpm_seg.utils import LOCK_NAME
@@ -137,15 +137,10 @@ def test_a_second_predict_into_the_same_folder_is_refused(trained, tmp_path):
     _, cfg, run = trained
     out = tmp_path / "out"
     out.mkdir()
-    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live run holding the lock
-    try:
-        (out / LOCK_NAME).write_text(f"{owner.pid} {__import__('socket').gethostname()}\n")
-        with pytest.raises(ValueError, match=rf"in use by another predict run \(process {owner.pid} on"):
+    with lock_held_by_a_live_process(out) as owner:
+        with pytest.raises(ValueError, match=rf"in use by another predict run \(process {owner} on"):
             predict(run, [cfg["testing_path"]], out)
         assert sorted(os.listdir(out)) == [LOCK_NAME]
-    finally:
-        owner.kill()
-        owner.wait()
     assert predict(run, [cfg["testing_path"]], out) == 0 and not (out / LOCK_NAME).exists()
 
 
@@ -202,3 +197,16 @@ def test_predictions_of_an_earlier_evaluation_on_other_images_go(trained, tmp_pa
     assert train(fewer, "--run_dir", str(folder)) == 0  # --no_pictures: no picture is current
     assert sorted(os.listdir(folder / "predictions")) == ["000.npy", "001.npy"]
     assert json.load(open(folder / "metrics.json"))["num_test_images"] == 2
+
+
+def test_without_shared_noise_an_evaluation_again_gives_the_same_miou(tmp_path):
+    """Each image's noise is a function of the run's seed and the image: evaluating the same members again
+    (--eval_only, or a resumed run) reads the same features."""
+    exp, cfg = make_experiment(tmp_path)
+    exp.write_text(json.dumps({**cfg, "share_noise": False}))
+    assert train(exp) == 0
+    folder = os.path.join(cfg["exp_dir"], RUN)
+    first = json.load(open(os.path.join(folder, "metrics.json")))
+    assert train(exp, "--eval_only") == 0
+    again = json.load(open(os.path.join(folder, "metrics.json")))
+    assert again["miou"] == first["miou"] and again["uncertainty_scores"] == first["uncertainty_scores"]

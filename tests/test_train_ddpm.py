@@ -1,4 +1,5 @@
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -10,9 +11,11 @@ import torch
 from PIL import Image
 
 from ddpm_seg.demo_data import generate_demo_dataset
-from ddpm_seg.train_ddpm import EMA, ImageFolderDataset, add_train_ddpm_args, parse_resume_step, train_ddpm
+from ddpm_seg.train_ddpm import (EMA, ImageFolderDataset, ShardedBatchSampler, _resolve_options, _train_step,
+                                 add_train_ddpm_args, parse_resume_step, step_generator, train_ddpm)
+from ddpm_seg.utils import seed_everything
 from guided_diffusion.checkpoint import load_ddpm
-from guided_diffusion.script_util import create_model_and_diffusion
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 # A tiny UNet (two levels, 32 channels) on 16x16 images: a training step takes milliseconds.
 TINY = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
@@ -163,7 +166,49 @@ def test_bad_options_are_refused(images, tmp_path):
         train_ddpm({**TINY, "data_dir": images, "out_dir": str(tmp_path / "o"), "batch_size": 17})
 
 
+class _NoUpdate:
+    """An optimizer stand-in for _train_step: gradients accumulate over calls, the caller steps."""
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+    def step(self):
+        pass
+
+
+def _ddp_replayed_in_one_process(images, steps, world_size=2, seed=0):
+    """train-ddpm's DistributedDataParallel training replayed in this process rank by rank: each rank's shard
+    (ShardedBatchSampler) and its own timesteps, noise and flips (step_generator(seed, rank, step)), the ranks'
+    gradients averaged before one AdamW step, then the EMA. Returns (model, EMA state dicts, rank 0's losses)."""
+    opts = _resolve_options({**TINY, "data_dir": images, "out_dir": "unused", "max_steps": steps})
+    seed_everything(seed)
+    model, diffusion = create_model_and_diffusion(**{k: getattr(opts, k) for k in model_and_diffusion_defaults()})
+    ema = EMA(model, 0.9999)
+    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    dataset = ImageFolderDataset(images, TINY["image_size"])
+    shards = [iter(ShardedBatchSampler(len(dataset), TINY["batch_size"], seed, rank, world_size, 0))
+              for rank in range(world_size)]
+    losses = []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        for rank in range(world_size):
+            batch = torch.stack([dataset[i] for i in next(shards[rank])])
+            loss = _train_step(model, diffusion, _NoUpdate(), batch, step_generator(seed, rank, step), -1,
+                               contextlib.nullcontext)
+            if rank == 0:
+                losses.append(loss.item())
+        for p in model.parameters():
+            p.grad.div_(world_size)
+        opt.step()
+        ema.update(model)
+    return model.state_dict(), ema.state_dict(model), losses
+
+
 def test_two_process_ddp_on_cpu(images, tmp_path):
+    """Two gloo processes of batch 8 train as DDP prescribes: each rank its shard of every epoch with its own
+    timesteps, noise and flips, gradients averaged. This is not a one-process run with batch 16 (that one draws
+    all 16 images' timesteps and noise from rank 0's generator), so the comparison is with the steps replayed
+    rank by rank in this process."""
     flags = [f"--{k}={v}" for k, v in TINY.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "ddpm_seg.train_ddpm", *flags, f"--data_dir={images}", f"--out_dir={tmp_path}", "--max_steps=2"]
@@ -173,11 +218,24 @@ def test_two_process_ddp_on_cpu(images, tmp_path):
     # 16 images over 2 ranks of batch 8: one batch per rank per step; rank 0 alone wrote the files.
     assert sorted(os.listdir(tmp_path)) == sorted([
         "model000002.pt", "opt000002.pt", "ema_0.9999_000002.pt", "model_flags.json", "train_log.jsonl"])
-    assert len(_losses(tmp_path / "train_log.jsonl")) == 2
     with open(tmp_path / "model_flags.json") as f:
         model, _ = create_model_and_diffusion(**json.load(f))
     model.load_state_dict(_sd(tmp_path / "model000002.pt"), strict=True)
-    assert model.out[2].weight.abs().sum() > 0  # trained: the zero-initialised head moved
+    # The all-reduce adds the two ranks' float32 gradients and halves them, which rounds exactly as the replay's
+    # accumulate-then-halve; both sides compute with one thread. So the weights, the EMA and the logged loss
+    # (rank 0's) are equal, not merely close.
+    weights, ema, losses = _ddp_replayed_in_one_process(images, steps=2)
+    # The replay takes the shards and the draws from the library; here, that they differ between the ranks: each
+    # rank its own half of the epoch and its own timesteps and noise.
+    first = [next(iter(ShardedBatchSampler(16, 8, 0, rank, 2, 0))) for rank in range(2)]
+    assert sorted(first[0] + first[1]) == list(range(16))
+    assert not torch.equal(torch.randn(8, generator=step_generator(0, 0, 0)),
+                           torch.randn(8, generator=step_generator(0, 1, 0)))
+    for saved, replayed in [(_sd(tmp_path / "model000002.pt"), weights), (_sd(tmp_path / "ema_0.9999_000002.pt"), ema)]:
+        assert saved.keys() == replayed.keys()
+        for key in saved:
+            assert torch.equal(saved[key], replayed[key]), key
+    assert _losses(tmp_path / "train_log.jsonl") == losses
 
 
 def test_a_save_cut_short_publishes_no_file_of_the_set(images, tmp_path, monkeypatch):

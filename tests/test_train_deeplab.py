@@ -9,8 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler
 
 import ddpm_seg.train_deeplab as td
 from ddpm_seg.backbones import image_tensor
@@ -108,6 +110,16 @@ def _train(exp, data, out_dir, epochs):
     return td.train_deeplab(parser.parse_args(argv))
 
 
+def miou_on_test_images(model, cfg):
+    """The shared metric's mIoU of `model` on the experiment's 3 test images."""
+    model.eval()
+    matrix = ConfusionMatrix(3, 255)
+    with torch.no_grad():
+        for item in load_labelled_folder(cfg["testing_path"], 3, (32, 32), 3, 255):
+            matrix.update(model(image_tensor(item.image, "cpu", "imagenet"))["out"].argmax(1)[0], item.label)
+    return matrix.miou()
+
+
 def test_trains_resumes_and_reports_miou(experiment, tmp_path):
     exp, cfg = experiment
     data = str(tmp_path / "samples_32x32x3.npz")
@@ -129,12 +141,7 @@ def test_trains_resumes_and_reports_miou(experiment, tmp_path):
     assert straight["val_history"][straight["best_epoch"]] == max(straight["val_history"]) == straight["val_miou"]
     model = td.build_deeplab("resnet50", 3)
     model.load_state_dict(torch.load(tmp_path / "straight" / "deeplab_best.pth", weights_only=True)["model_state_dict"])
-    model.eval()
-    matrix = ConfusionMatrix(3, 255)
-    with torch.no_grad():
-        for item in load_labelled_folder(cfg["testing_path"], 3, (32, 32), 3, 255):
-            matrix.update(model(image_tensor(item.image, "cpu", "imagenet"))["out"].argmax(1)[0], item.label)
-    assert straight["miou"] == pytest.approx(matrix.miou(), abs=1e-12)
+    assert straight["miou"] == pytest.approx(miou_on_test_images(model, cfg), abs=1e-12)
     with open(tmp_path / "straight" / "metrics.json") as f:
         assert json.load(f)["miou"] == straight["miou"]
 
@@ -164,21 +171,76 @@ def test_a_dataset_regenerated_under_its_name_is_not_resumed_on(experiment, tmp_
         _train(exp, str(data), tmp_path / "run", 2)
 
 
-def test_two_gloo_processes_train_with_ddp(experiment, tmp_path):
-    exp, _ = experiment
+def _ddp_replayed_in_one_process(data, batch_size, world_size=2, seed=0, lr=1e-3):
+    """One epoch of train-deeplab's DistributedDataParallel training, replayed in this process rank by rank:
+    each rank's share of the epoch (DistributedSampler) and its own random stream (the dropout seed of
+    (seed, epoch, rank)), batch norm over that rank's batch starting from rank 0's running statistics (DDP
+    broadcasts them before every forward; rank 0's are kept), and the ranks' gradients averaged before Adam's
+    step. Returns the model's state dict after the epoch."""
+    images, labels, scores = td.load_synthetic(data)
+    dataset = td.SyntheticSegmentationDataset(images, labels, td.filter_indices(scores), 32)
+    td.seed_everything(seed)
+    model = td.build_deeplab("resnet50", 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    ranks = []
+    for rank in range(world_size):
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        sampler.set_epoch(0)
+        torch.manual_seed(td.epoch_seed(seed, 0, rank))
+        batches = iter(DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=0))
+        ranks.append([batches, torch.get_rng_state()])
+    buffers = {name: b for name, b in model.named_buffers()}
+    for _ in range(len(ranks[0][0])):
+        rank0_buffers = {name: b.clone() for name, b in buffers.items()}
+        optimizer.zero_grad(set_to_none=True)
+        for rank in reversed(range(world_size)):  # rank 0 last: its batch-norm statistics are the ones kept
+            for name, b in buffers.items():
+                b.copy_(rank0_buffers[name])
+            batches, rng = ranks[rank]
+            torch.set_rng_state(rng)
+            x, y = next(batches)
+            F.cross_entropy(model(x)["out"], y, ignore_index=255).backward()
+            ranks[rank][1] = torch.get_rng_state()
+        for p in model.parameters():
+            p.grad.div_(world_size)
+        optimizer.step()
+    return model.state_dict()
+
+
+def test_two_gloo_processes_train_as_ddp_replayed_in_one_process(experiment, tmp_path):
+    """Two processes (batch 2 each) train one epoch as DDP prescribes: each rank on its share of the epoch
+    with its own dropout stream and batch statistics, gradients averaged. This is not a one-process run with
+    batch 4: batch norm normalises each rank's 2 images alone and each rank draws its own dropout masks, so
+    the comparison is with the epoch replayed rank by rank in this process."""
+    exp, cfg = experiment
+    data = str(tmp_path / "samples_32x32x3.npz")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ddpm_seg.train_deeplab", "--exp", exp, "--data_path", str(tmp_path / "samples_32x32x3.npz"),
+           "-m", "ddpm_seg.train_deeplab", "--exp", exp, "--data_path", data,
            "--out_dir", str(tmp_path / "ddp"), "--backbone", "resnet50", "--batch_size", "2", "--num_epoch", "1",
            "--num_workers", "0", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Rank 0 wrote the checkpoint of the plain model (no DDP `module.` prefix), loadable as the original's.
-    ckpt = torch.load(tmp_path / "ddp" / "deeplab_best.pth", weights_only=True)
-    td.build_deeplab("resnet50", 3).load_state_dict(ckpt["model_state_dict"])
+    last = torch.load(tmp_path / "ddp" / "deeplab_last.pth", weights_only=True)["model_state_dict"]
+    best = torch.load(tmp_path / "ddp" / "deeplab_best.pth", weights_only=True)["model_state_dict"]
+    model = td.build_deeplab("resnet50", 3)
+    model.load_state_dict(best)
+    # Both ranks' gradients, averaged: the same weights as the replay. The all-reduce adds two float32 values
+    # and halves them, which rounds exactly as the replay's accumulate-then-halve, so every tensor is equal.
+    replay = _ddp_replayed_in_one_process(data, batch_size=2)
+    assert td.epoch_seed(0, 0, 0) != td.epoch_seed(0, 0, 1)  # each rank its own dropout stream
+    assert last.keys() == replay.keys()
+    for key, value in replay.items():
+        assert torch.equal(last[key], value), key
+        assert torch.equal(best[key], value), key
+    # The metrics are the trained model's, scored on the test images by the shared metric.
     with open(tmp_path / "ddp" / "metrics.json") as f:
         metrics = json.load(f)
-    assert metrics["best_epoch"] == 0 and 0 <= metrics["miou"] <= 1 and metrics["num_train_samples"] == 9
+    assert metrics["best_epoch"] == 0 and metrics["num_train_samples"] == 9
+    assert metrics["miou"] == pytest.approx(miou_on_test_images(model, cfg), abs=1e-12)
 
 
 def test_backbone_starts_from_a_local_resnet_file(tmp_path):

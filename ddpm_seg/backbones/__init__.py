@@ -13,10 +13,12 @@ interpreter's test-time views of an image) the image is; training features are v
 with shared noise gives each view its own noise draws (view 0 has the original's); the others ignore it.
 """
 
+import hashlib
+
 import numpy as np
 import torch
 
-from ..utils import available_memory_bytes, cpu_has_native_bf16
+from ..utils import available_memory_bytes, cpu_has_native_bf16, derive_seed
 
 BACKBONES = {}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,6 +63,21 @@ def shared_noise(seed: int, draws: int, shape, device) -> torch.Tensor:
     draw 0 is the original's single shared noise."""
     generator = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(draws, *shape, generator=generator, device=device)
+
+
+def image_noise(seed: int, images: np.ndarray, view: int, draw: int, shape, device) -> torch.Tensor:
+    """Without share_noise: [N, *shape] noise, image i's drawn from a generator seeded by (seed, the image's
+    pixels, view, draw). Each image gets its own noise, yet the same image always gets the same noise, whatever
+    else is extracted before it or beside it in a batch: a resumed extraction, an evaluation and predict give
+    it the same features. Drawn on the CPU, so that every device gets the same noise."""
+    images = np.asarray(images)
+    images = images[None] if images.ndim == 3 else images
+    draws = []
+    for image in images:
+        digest = int.from_bytes(hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest()[:8], "little")
+        generator = torch.Generator().manual_seed(derive_seed(seed, digest, view, draw))
+        draws.append(torch.randn(*shape, generator=generator))
+    return torch.stack(draws).to(device)
 
 
 def check_noise_draws(noise, noise_draws: int, views: int = 1) -> None:

@@ -6,7 +6,7 @@ import torch
 from guided_diffusion.checkpoint import load_ddpm
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-from . import batch_result, check_noise_draws, image_tensor, register, shared_noise, view_noise
+from . import batch_result, check_noise_draws, image_noise, image_tensor, register, shared_noise, view_noise
 
 
 class _StopForward(Exception):
@@ -15,7 +15,8 @@ class _StopForward(Exception):
 
 
 class DDPMFeatureExtractor:
-    def __init__(self, model, diffusion, steps, blocks, input_activations=False, noise=None, noise_draws=1, views=1):
+    def __init__(self, model, diffusion, steps, blocks, input_activations=False, noise=None, noise_draws=1, views=1,
+                 noise_seed=0):
         num_blocks = len(model.output_blocks)
         bad_blocks = [b for b in blocks if not 0 <= b < num_blocks]
         if bad_blocks:
@@ -31,8 +32,9 @@ class DDPMFeatureExtractor:
         self.input_activations = input_activations
         # share_noise: draw k is one seeded noise [3, H, W] for all images and steps, made on the model's device as
         # the original does; its first draw is the original's noise, so noise_draws 1 gives the original features.
-        # Test view v uses draws v * noise_draws ... (v + 1) * noise_draws - 1.
-        self.noise, self.noise_draws = noise, noise_draws
+        # Test view v uses draws v * noise_draws ... (v + 1) * noise_draws - 1. Without it (noise None), each
+        # image's noise is seeded by noise_seed and its pixels (image_noise).
+        self.noise, self.noise_draws, self.noise_seed = noise, noise_draws, noise_seed
         self.bytes_per_image = None  # known after the first call
         self._activations = {}
 
@@ -63,9 +65,9 @@ class DDPMFeatureExtractor:
         for k in range(self.noise_draws):
             if shared is not None:
                 noise = shared[k].expand_as(x)  # share_noise: the same noise for every image and step
-            else:
-                # One draw per image, in image order: the draws N one-image calls would make.
-                noise = torch.cat([torch.randn_like(x[:num_steps]) for _ in range(num_images)])
+            else:  # each image's own noise for each step, image-major as x
+                noise = image_noise(self.noise_seed, image, view, k, (num_steps, *x.shape[1:]), self.device)
+                noise = noise.flatten(0, 1).to(x.dtype)
             acts = self._forward(self.diffusion.q_sample(x, t, noise=noise), t, num_images)
             sums = acts if sums is None else {b: sums[b].add_(a) for b, a in acts.items()}
         maps = [sums[b].unflatten(0, (num_images, num_steps))[:, i] for i in range(num_steps) for b in self.blocks]
@@ -111,4 +113,4 @@ def build_ddpm(cfg, model_flags, device, seed, random_init, dtype):
     draws, views = cfg.get("noise_draws", 1), cfg.get("test_views", 1)
     noise = shared_noise(seed, draws * views, (3, *cfg["dim"][:2]), device) if cfg["share_noise"] else None
     return DDPMFeatureExtractor(model, diffusion, cfg["steps"], cfg["blocks"], cfg["input_activations"], noise, draws,
-                                views)
+                                views, noise_seed=seed)

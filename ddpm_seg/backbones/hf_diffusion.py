@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..utils import read_json_object
-from . import check_noise_draws, register, shared_noise, view_noise
+from . import check_noise_draws, image_noise, register, shared_noise, view_noise
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DENOISERS = ("unet", "transformer")
@@ -206,7 +206,7 @@ def encode_prompt(parts: dict, prompt: str, device) -> dict:
 
 class DiffusersFeatureExtractor:
     def __init__(self, parts: dict, steps, blocks, prompt: str = "", noise_draws: int = 1, noise=None,
-                 model_path: str = "<model>", views: int = 1):
+                 model_path: str = "<model>", views: int = 1, noise_seed: int = 0):
         self.denoiser = parts["unet"] if "unet" in parts else parts["transformer"]
         self.vae, self.scheduler = parts.get("vae"), parts["scheduler"]
         num_timesteps = self.scheduler.config.num_train_timesteps
@@ -218,7 +218,8 @@ class DiffusersFeatureExtractor:
         check_noise_draws(noise, noise_draws, views)
         check_module_names(self.denoiser, blocks, model_path)
         self.steps, self.blocks = list(steps), list(blocks)
-        self.noise_draws, self.noise = noise_draws, noise
+        # noise None (no share_noise): each image's noise seeded by noise_seed and its pixels (image_noise).
+        self.noise_draws, self.noise, self.noise_seed = noise_draws, noise, noise_seed
         self.condition = encode_prompt(parts, prompt, self.device)
         self._activations = {}
 
@@ -312,7 +313,12 @@ class DiffusersFeatureExtractor:
         shared = view_noise(self.noise, self.noise_draws, view)
         sums = None
         for k in range(self.noise_draws):
-            noise = shared[k].expand_as(x0).to(x0.dtype) if shared is not None else torch.randn_like(x0)
+            if shared is not None:
+                noise = shared[k].expand_as(x0).to(x0.dtype)
+            else:  # each image's own noise for each step, step-major as x0
+                noise = image_noise(self.noise_seed, images, view, k, (num_steps, *x0.shape[1:]),
+                                    self.device)
+                noise = noise.transpose(0, 1).flatten(0, 1).to(x0.dtype)
             acts = self._forward(self.scheduler.add_noise(x0, noise, t), t, kwargs, latent_hw)
             maps = [acts[b].float().view(num_steps, n, *acts[b].shape[1:]) for b in self.blocks]
             sums = maps if sums is None else [s + m for s, m in zip(sums, maps)]
@@ -346,4 +352,4 @@ def build_diffusers(cfg, model_flags, device, seed, random_init, dtype):
     draws, views = cfg.get("noise_draws", 1), cfg.get("test_views", 1)
     noise = shared_noise(seed, draws * views, latent_shape(parts, cfg["dim"][:2]), device) if cfg["share_noise"] else None
     return DiffusersFeatureExtractor(parts, cfg["steps"], cfg["blocks"], cfg.get("prompt", ""), draws, noise,
-                                     cfg["model_path"], views)
+                                     cfg["model_path"], views, noise_seed=seed)
