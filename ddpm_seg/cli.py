@@ -17,8 +17,8 @@ COMMANDS = {
     "generate-dataset": ("generate_dataset", "DatasetDDPM: sample the DDPM, label the samples with the ensemble (.npz)"),
     "train-deeplab": ("train_deeplab", "train DeepLabV3 on a DatasetDDPM/DatasetGAN .npz, evaluate mIoU on real images"),
     "sweep": ("sweep", "mIoU of a light interpreter per (step, block) on cached activations: heat-map + CSV"),
-    "bench": ("bench", "memory and speed benchmark of the feature store, ensemble training and prediction"),
-    "bench-diffusers": ("bench_diffusers", "feature sizes and extraction time of SD-1.5- and SDXL-sized random UNets"),
+    "bench": ("bench", "memory and speed benchmark: feature store, ensemble training, prediction, end to end, "
+                       "diffusers backbones (--phases)"),
     "download": ("download", "fetch datasets and checkpoints with resume and checksum verification"),
     "report": ("report", "collect finished runs' metrics.json into a mean ± std table (markdown + CSV)"),
 }
@@ -37,7 +37,7 @@ def main(argv=None):
         parser.print_help()
         return 0
     args = parser.parse_args(argv[:1])
-    module = importlib.import_module(f"ddpm_seg.{COMMANDS[args.command][0]}")
+    module = importlib.import_module(f"ddpm_seg.commands.{COMMANDS[args.command][0]}")
     return module.main(argv[1:]) or 0
 
 

@@ -7,6 +7,7 @@ import os
 from guided_diffusion.checkpoint import read_model_flags
 from guided_diffusion.script_util import args_to_dict, model_and_diffusion_defaults
 
+from .backbones import BACKBONES, backbone
 from .class_info import dataset_info, dataset_names
 from .utils import read_json_object
 
@@ -42,15 +43,10 @@ EXPERIMENT_KEYS = {
     # Segment each image in V test views (default 1, the paper's): the identity, flips and quarter turns
     # (interpreter.VIEWS), each with its own noise, the members' probabilities averaged over the views.
     "test_views": (int, False),
-    # model_type "diffusers" only (ddpm_seg/backbones/hf_diffusion.py).
-    "prompt": (str, False),
-    "dtype": (str, False),
 }
-DIFFUSERS_ONLY = ("prompt", "dtype")
-NOISE_BACKBONES = ("ddpm", "diffusers")
+# A backbone's own keys (e.g. the diffusers pipeline's prompt and dtype) are declared where it registers.
 # test_views: the dihedral group of the square, 8 views; the first 4 (identity, flips, half turn) keep any shape.
 MAX_TEST_VIEWS, SHAPE_KEEPING_VIEWS = 8, 4
-DIFFUSERS_DTYPES = ("float32", "bfloat16", "float16")
 MAX_SUFFIX = 120
 
 
@@ -84,43 +80,45 @@ def _check_class_names(cfg, path):
                          f"{cfg['number_class']}; add 'class_names' ({cfg['number_class']} names) or fix number_class")
 
 
-def _check_diffusers_keys(path, cfg):
-    """blocks name denoiser modules, read in the order given; the checks against the model come when it loads."""
-    blocks = cfg["blocks"]
-    if not all(isinstance(b, str) and b for b in blocks):
-        raise ValueError(f"{path}: 'blocks' of a diffusers model must be module names like \"up_blocks.1\", got {blocks!r}")
-    repeated = sorted({b for b in blocks if blocks.count(b) > 1})
-    if repeated:
-        raise ValueError(f"{path}: 'blocks' lists {repeated} more than once")
-    if cfg.get("dtype", "float32") not in DIFFUSERS_DTYPES:
-        raise ValueError(f"{path}: 'dtype' must be one of {list(DIFFUSERS_DTYPES)}, got {cfg['dtype']!r}")
+def _check_backbone_keys(path, cfg, keys):
+    """Keys that are neither the experiment's nor this backbone's: another backbone's, or unknown."""
+    unknown = sorted(set(cfg) - set(keys))
+    if not unknown:
+        return
+    owners = {key: sorted(name for name, b in BACKBONES.items() if key in b.config_keys) for key in unknown}
+    for key, names in owners.items():
+        if names:
+            raise ValueError(f"{path}: {key!r} applies only to model_type {names}, not {cfg['model_type']!r}")
+    raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys are {sorted(keys)}")
 
 
 def validate_experiment(cfg: dict, path: str = "<config>") -> dict:
-    unknown = sorted(set(cfg) - set(EXPERIMENT_KEYS))
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys are {sorted(EXPERIMENT_KEYS)}")
-    missing = sorted(k for k, (_, required) in EXPERIMENT_KEYS.items() if required and k not in cfg)
+    if not isinstance(cfg.get("model_type"), str):
+        raise ValueError(f"{path}: 'model_type' must be given as a string, got {cfg.get('model_type')!r}")
+    try:
+        traits = backbone(cfg["model_type"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    keys = {**EXPERIMENT_KEYS, **traits.config_keys}
+    _check_backbone_keys(path, cfg, keys)
+    missing = sorted(k for k, (_, required) in keys.items() if required and k not in cfg)
     if missing:
         raise ValueError(f"{path}: missing required key(s) {missing}")
     for key, value in cfg.items():
-        expected = EXPERIMENT_KEYS[key][0]
+        expected = keys[key][0]
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ValueError(f"{path}: {key!r} must be of type {expected.__name__}, got {value!r}")
     _check_int_list(path, "dim", cfg["dim"], length=3)
     _check_int_list(path, "steps", cfg["steps"])
     cfg["steps"] = _ascending(path, "steps", cfg["steps"])
-    if cfg["model_type"] == "diffusers":
-        _check_diffusers_keys(path, cfg)
-    else:
+    if not traits.named_blocks:
         _check_int_list(path, "blocks", cfg["blocks"])
         cfg["blocks"] = _ascending(path, "blocks", cfg["blocks"])
-        given = [k for k in DIFFUSERS_ONLY if k in cfg]
-        if given:
-            raise ValueError(f"{path}: {given} apply only to model_type 'diffusers', not {cfg['model_type']!r}")
-    if "noise_draws" in cfg and cfg["model_type"] not in NOISE_BACKBONES:
-        raise ValueError(f"{path}: 'noise_draws' applies only to model_type {list(NOISE_BACKBONES)}, "
-                         f"not {cfg['model_type']!r}")
+    if traits.check_config is not None:
+        traits.check_config(cfg, path)
+    if "noise_draws" in cfg and not traits.noised:
+        noised = sorted(name for name, b in BACKBONES.items() if b.noised)
+        raise ValueError(f"{path}: 'noise_draws' applies only to model_type {noised}, not {cfg['model_type']!r}")
     if cfg.get("noise_draws", 1) < 1:
         raise ValueError(f"{path}: 'noise_draws' must be >= 1, got {cfg['noise_draws']}")
     views = cfg.get("test_views", 1)
@@ -184,7 +182,7 @@ def check_paths(cfg: dict, keys, path: str = "<config>") -> None:
         hints = dict.fromkeys(hints, "run `ddpm-seg demo` first: it generates the demo dataset (and uses the DDPM "
                                      "shipped in experiments/demo/)")
     for key in keys:
-        if key == "model_path" and cfg["model_type"] == "diffusers":
+        if key == "model_path" and backbone(cfg["model_type"]).hub_model:
             continue  # a folder or a hub id: the backbone resolves it and says what is missing
         if not os.path.exists(cfg[key]):
             raise FileNotFoundError(f"{path}: {key} {cfg[key]!r} does not exist; {hints.get(key, 'check the path')}")
@@ -199,7 +197,7 @@ def explicit_flags(argv):
 def resolve_model_flags(cfg, args, argv):
     """Flags saved beside a checkpoint of ours win over defaults; flags typed on the command line win over both."""
     cli = args_to_dict(args, model_and_diffusion_defaults().keys())
-    saved = read_model_flags(cfg["model_path"]) if cfg["model_type"] == "ddpm" else None
+    saved = read_model_flags(cfg["model_path"]) if backbone(cfg["model_type"]).model_flags else None
     if saved is None:
         return cli
     return {**cli, **saved, **{k: cli[k] for k in explicit_flags(argv)}}

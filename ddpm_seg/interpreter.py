@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backbones import EXTRACT_DTYPES, create_feature_extractor, extract_batches
+from .backbones import EXTRACT_DTYPES, backbone, create_feature_extractor, extract_batches
 from .class_info import class_table
 from .config import validate_experiment
 from .data import image_to_rgb, read_image, resize_image
@@ -192,7 +192,8 @@ class Interpreter:
         if model_path is not None:
             cfg = dict(cfg, model_path=model_path)
         # A diffusers model_path may be a hub id: that backbone resolves it and says what is missing.
-        if not settings["random_init"] and cfg["model_type"] != "diffusers" and not os.path.exists(cfg["model_path"]):
+        if (not settings["random_init"] and not backbone(cfg["model_type"]).hub_model
+                and not os.path.exists(cfg["model_path"])):
             raise FileNotFoundError(f"{path}: the backbone checkpoint {cfg['model_path']!r} it was trained with does "
                                     "not exist here; pass its path (--model_path, or Interpreter.load(..., model_path=))")
         check_checkpoint(settings, cfg, path)

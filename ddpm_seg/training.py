@@ -10,23 +10,23 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 
-from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
-
-from .backbones import (add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_batches,
-                        extract_dtype, memory_per_image)
+from .backbones import (create_feature_extractor, dtype_name, extract_batch_size, extract_batches, extract_dtype,
+                        memory_per_image)
 from .config import check_paths, run_dir
 from .data import load_split
 from .ensemble import MLPEnsemble
 from .feature_store import FeatureStore, PixelSampler
 from .fingerprint import data_sha256, path_sha256, short
 from .interpreter import SETTINGS_NAME, Interpreter, evaluate, member_path
-from .recipe import FAST_EPOCHS, PROJECTION_WIDTH, RECIPES, make_recipe, train_members
+from .recipe import FAST_EPOCHS, PROJECTION_WIDTH, make_recipe, train_members
 from .utils import (atomic_write_json, available_memory_bytes, check_settings, check_writable, fast_bf16, progress_bar,
-                    read_json_object, resolve_device, seed_arg, seed_everything)
+                    read_json_object, resolve_device, seed_everything)
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -34,51 +34,25 @@ STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 RAM_STORE_SHARE = 0.5
 
 
-def add_args(parser):
-    parser.add_argument("--exp", required=True, help="experiment config, e.g. experiments/bedroom_28/ddpm.json")
-    parser.add_argument("--seed", type=seed_arg, default=0)
-    parser.add_argument("--seeds", default=None, help="comma list of seeds, each an independent run in its own folder")
-    parser.add_argument("--eval_only", action="store_true",
-                        help="evaluate an existing ensemble (e.g. the released pixel classifiers, with --run_dir) "
-                             "without training")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    parser.add_argument("--store", choices=["auto", "ram", "disk"], default="auto",
-                        help="where training features live: RAM, memory-mapped files in the run folder, or "
-                             "RAM when they take less than half the available memory")
-    add_precision_args(parser)
-    add_extraction_args(parser)
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="fast",
-                        help="fast: batch 1024, --epochs epochs, the members trained on a fixed projection of the "
-                             f"features to {PROJECTION_WIDTH} principal directions per resolution (folded back into "
-                             "members of the original format), each epoch a random share of the labelled pixels as "
-                             "large as the finest feature map's share of the image; paper: the original recipe (the "
-                             "config's batch size, every pixel in every epoch, all features, the original stopping "
-                             "rule)")
-    parser.add_argument("--epochs", type=int, default=FAST_EPOCHS,
-                        help="--recipe fast: every member trains this many epochs and 51 steps, the shortest run the "
-                             "paper's stopping rule allows (0: that rule, which stops each member by its batch losses)")
-    parser.add_argument("--projection_width", type=int, default=PROJECTION_WIDTH,
-                        help="--recipe fast: principal directions kept per resolution table (0: no projection)")
-    parser.add_argument("--batch_size", type=int, default=None,
-                        help="pixels per member per step (default: 1024 under --recipe fast, the config's (64 in "
-                             "the paper's) under --recipe paper)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="Adam learning rate (default: 1e-3 * sqrt(batch_size / 64), the paper's 1e-3 at 64)")
-    parser.add_argument("--random_init", action="store_true",
-                        help="use the backbone at random initialisation instead of model_path (a baseline)")
-    parser.add_argument("--run_dir", default=None, help="override the run folder (default <exp_dir>/<suffix>/seed_<seed>)")
-    parser.add_argument("--no_pictures", action="store_true", help="skip the per-image PNGs")
-    add_dict_to_argparser(parser, model_and_diffusion_defaults())
-
-
-def add_precision_args(parser):
-    parser.add_argument("--autocast", choices=["auto"] + sorted(AUTOCAST), default="auto",
-                        help="bf16: the first layer of the ensemble (nearly all its FLOPs) multiplies in bfloat16 "
-                             "with float32 accumulation, ~4x faster on CPUs with AMX; none: float32 throughout; "
-                             "auto: bf16 on CUDA and on CPUs with native bf16, else none")
-    parser.add_argument("--store_dtype", choices=["auto"] + sorted(STORE_DTYPES), default="auto",
-                        help="dtype of the training feature store; auto: bfloat16 under --autocast bf16 (the "
-                             "features are rounded to bfloat16 before the matmul anyway), else float16")
+@dataclass(frozen=True)
+class TrainOptions:
+    """How one seed's run is trained and evaluated: train-interpreter's flags, typed, with their defaults."""
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda[:i]
+    store: str = "auto"  # ram | disk | auto: RAM while the features take less than RAM_STORE_SHARE of the memory
+    autocast: str = "auto"  # none | bf16 | auto (resolve_autocast)
+    store_dtype: str = "auto"  # a STORE_DTYPES name, or auto (store_dtype_name)
+    extract_dtype: str = "auto"  # an --extract_dtype name (ddpm_seg.backbones.EXTRACT_DTYPES) or auto
+    extract_batch: Optional[int] = None  # images per backbone forward (None: chosen by the device's memory)
+    recipe: str = "fast"  # a RECIPES name
+    epochs: int = FAST_EPOCHS  # --recipe fast: epochs per member before the last 51 steps (0: the paper's rule)
+    projection_width: int = PROJECTION_WIDTH  # --recipe fast: principal directions per resolution (0: none)
+    batch_size: Optional[int] = None  # pixels per member per step (None: the recipe's)
+    lr: Optional[float] = None  # Adam learning rate (None: 1e-3 * sqrt(batch_size / 64))
+    random_init: bool = False  # the backbone at random initialisation instead of model_path
+    run_dir: Optional[str] = None  # the run folder (None: <exp_dir>/<steps_blocks>/seed_<seed>)
+    pictures: bool = True  # per-image PNGs of the test predictions
+    eval_only: bool = False  # evaluate the members in the run folder, train nothing
 
 
 def resolve_autocast(name, device):
@@ -88,10 +62,12 @@ def resolve_autocast(name, device):
     return "bf16" if fast_bf16(device) else "none"
 
 
-def store_dtype_name(args):
-    if args.store_dtype != "auto":
-        return args.store_dtype
-    return "bfloat16" if AUTOCAST[args.autocast] == torch.bfloat16 else "float16"
+def store_dtype_name(store_dtype, autocast):
+    """--store_dtype auto -> bfloat16 under --autocast bf16 (the features are rounded to bfloat16 before the
+    matmul anyway), else float16."""
+    if store_dtype != "auto":
+        return store_dtype
+    return "bfloat16" if AUTOCAST[autocast] == torch.bfloat16 else "float16"
 
 
 def check_feature_size(cfg, maps, exp_path):
@@ -103,14 +79,13 @@ def check_feature_size(cfg, maps, exp_path):
                          f"set dim[-1] to {total}")
 
 
-def extract_training_store(extractor, items, first_maps, args, store_root, batch_size=1):
-    """Extract every training image's maps into a FeatureStore (resuming a disk store that was cut short),
-    batch_size images per extractor call."""
+def extract_training_store(extractor, items, first_maps, store_root, store="auto", dtype=torch.float16, batch_size=1):
+    """Extract every training image's maps into a FeatureStore of `dtype` (resuming a disk store that was cut
+    short), batch_size images per extractor call; `store` as TrainOptions.store."""
     shapes = [tuple(m.shape) for m in first_maps]
-    dtype = STORE_DTYPES[store_dtype_name(args)]
     per_image = sum(c * h * w for c, h, w in shapes) * torch.finfo(dtype).bits // 8
-    use_disk = args.store == "disk" or (
-        args.store == "auto" and per_image * len(items) > RAM_STORE_SHARE * available_memory_bytes())
+    use_disk = store == "disk" or (
+        store == "auto" and per_image * len(items) > RAM_STORE_SHARE * available_memory_bytes())
     store = FeatureStore(shapes, items[0].label.shape, len(items), dtype=dtype, root=store_root if use_disk else None)
     todo = store.missing()
     bar = progress_bar(total=len(todo), desc="extract train features")
@@ -181,32 +156,33 @@ def check_finished_folder(path, settings):
                          "use the settings they were made with, or another --run_dir")
 
 
-def run(cfg, exp_path, model_flags, args):
+def run(cfg, exp_path, model_flags, opts: TrainOptions):
     """Train what is missing, then evaluate; returns the metrics dict also written to metrics.json."""
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
-    args.autocast = resolve_autocast(args.autocast, device)
-    folder = args.run_dir or run_dir(cfg, args.seed, args.random_init)
-    check_paths(cfg, ["training_path", "testing_path"] + ([] if args.random_init else ["model_path"]), exp_path)
+    seed_everything(opts.seed)
+    device = resolve_device(opts.device)
+    autocast = resolve_autocast(opts.autocast, device)
+    store_dtype = store_dtype_name(opts.store_dtype, autocast)
+    folder = opts.run_dir or run_dir(cfg, opts.seed, opts.random_init)
+    check_paths(cfg, ["training_path", "testing_path"] + ([] if opts.random_init else ["model_path"]), exp_path)
     # Checked before anything is extracted; its pixel share needs the map shapes (below).
-    recipe = make_recipe(args.recipe, args.batch_size, args.lr, args.epochs, args.projection_width, cfg["batch_size"])
+    recipe = make_recipe(opts.recipe, opts.batch_size, opts.lr, opts.epochs, opts.projection_width, cfg["batch_size"])
 
     # Everything that can fail on bad input (config, labels, feature size, an unwritable folder) happens
     # before the first write, so a corrected rerun is not refused for "other settings".
     check_writable(folder)
-    extractor = create_feature_extractor(cfg, model_flags, device, seed=args.seed, random_init=args.random_init,
-                                         config_path=exp_path, dtype=args.extract_dtype)
-    extract_dtype_name = dtype_name(extract_dtype(args.extract_dtype, device, bool(model_flags.get("use_fp16"))))
+    extractor = create_feature_extractor(cfg, model_flags, device, seed=opts.seed, random_init=opts.random_init,
+                                         config_path=exp_path, dtype=opts.extract_dtype)
+    extract_dtype_name = dtype_name(extract_dtype(opts.extract_dtype, device, bool(model_flags.get("use_fp16"))))
     test_items = load_split(cfg, "test")
     todo = [m for m in range(cfg["model_num"]) if not os.path.exists(member_path(folder, m))]
-    if args.eval_only and todo:
+    if opts.eval_only and todo:
         raise FileNotFoundError(f"--eval_only: {folder} lacks {[os.path.basename(member_path(folder, m)) for m in todo]}")
-    settings = {"config": cfg, "model_flags": model_flags, "seed": args.seed, "random_init": args.random_init,
-                "model_sha256": None if args.random_init else path_sha256(cfg.get("model_path")),
+    settings = {"config": cfg, "model_flags": model_flags, "seed": opts.seed, "random_init": opts.random_init,
+                "model_sha256": None if opts.random_init else path_sha256(cfg.get("model_path")),
                 "extract_dtype": extract_dtype_name}
     if not todo:
         check_finished_folder(os.path.join(folder, SETTINGS_NAME), settings)
-    ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=args.seed).to(device)
+    ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=opts.seed).to(device)
     timings = {}
     if todo:
         train_items = load_split(cfg, "train")
@@ -220,22 +196,23 @@ def run(cfg, exp_path, model_flags, args):
         # that made them.
         check_settings(os.path.join(folder, SETTINGS_NAME),
                        {**settings, "training_data_sha256": data_sha256(train_items),
-                        "store_dtype": store_dtype_name(args), "autocast": args.autocast, **recipe.settings()},
+                        "store_dtype": store_dtype, "autocast": autocast, **recipe.settings()},
                        write=True)
         atomic_write_json(os.path.join(folder, os.path.basename(exp_path)), cfg)
         atomic_write_json(os.path.join(folder, "model_flags.json"), model_flags)
 
         store_root = os.path.join(folder, "features")
-        extract_batch = extract_batch_size(args.extract_batch, memory_per_image(extractor), device)
-        store = extract_training_store(extractor, train_items, first_maps, args, store_root, extract_batch)
+        extract_batch = extract_batch_size(opts.extract_batch, memory_per_image(extractor), device)
+        store = extract_training_store(extractor, train_items, first_maps, store_root, opts.store,
+                                       STORE_DTYPES[store_dtype], extract_batch)
         timings["extract_train_s"] = time.time() - start
         timings["extract_batch"] = extract_batch
         print(f"{len(train_items)} training images, {len(sampler)} labelled pixels, {store.num_features} features "
               f"per pixel, store {store.nbytes / 2**30:.2f} GiB ({'disk' if store.root else 'RAM'}); "
               f"training members {todo}, recipe {recipe.name}, batch {recipe.batch_size}, lr {recipe.lr:g}")
         start = time.time()
-        stats, train_timings = train_members(ensemble, store, sampler, recipe, seed=args.seed, members=todo,
-                                             device=device, matmul_dtype=AUTOCAST[args.autocast],
+        stats, train_timings = train_members(ensemble, store, sampler, recipe, seed=opts.seed, members=todo,
+                                             device=device, matmul_dtype=AUTOCAST[autocast],
                                              on_member_done=lambda m: ensemble.save_member(member_path(folder, m), m))
         timings.update(train_timings)
         timings["train_ensemble_s"] = time.time() - start
@@ -246,12 +223,12 @@ def run(cfg, exp_path, model_flags, args):
         ensemble.load_member(member_path(folder, m), m)
 
     interpreter = Interpreter(cfg, extractor, ensemble.eval(),
-                              extract_batch_size(args.extract_batch, memory_per_image(extractor), device))
+                              extract_batch_size(opts.extract_batch, memory_per_image(extractor), device))
     start = time.time()
-    metrics = evaluate(interpreter, test_items, folder, pictures=not args.no_pictures)
+    metrics = evaluate(interpreter, test_items, folder, pictures=opts.pictures)
     timings["evaluate_s"] = time.time() - start
-    metrics.update(seed=args.seed, model_type=cfg["model_type"], category=cfg.get("category"),
-                   random_init=args.random_init, timings=timings)
+    metrics.update(seed=opts.seed, model_type=cfg["model_type"], category=cfg.get("category"),
+                   random_init=opts.random_init, timings=timings)
     atomic_write_json(os.path.join(folder, "metrics.json"), metrics)
     print(f"mIoU {100 * metrics['miou']:.2f}  ({folder})")
     return metrics

@@ -350,3 +350,38 @@ def test_train_interpreter_end_to_end(released, data, tmp_path, model_type, rand
     assert metrics["miou"] > 0.35
     assert np.load(folder / "predictions" / "000.npy").shape == (SIZE, SIZE)
     assert sorted(p.name for p in folder.glob("model_*.pth")) == ["model_0.pth", "model_1.pth"]
+
+
+def test_a_backbone_registered_in_its_own_file_brings_its_keys_checks_and_traits(tmp_path, monkeypatch):
+    """Registering a backbone is all it takes: its own config keys are accepted (and typed), its check runs,
+    its traits decide what applies to it, and the registry builds it."""
+    from ddpm_seg import backbones
+    from ddpm_seg.config import check_paths, validate_experiment
+
+    def check(cfg, path):
+        if cfg["radius"] > 3:
+            raise ValueError(f"{path}: 'radius' must be at most 3, got {cfg['radius']}")
+
+    def build(cfg, model_flags, device, seed, random_init, dtype):
+        return lambda image, view=0: [torch.zeros(cfg["radius"], *image.shape[:2])]
+
+    monkeypatch.setitem(backbones.BACKBONES, "toy", None)  # removed again after the test
+    backbones.register("toy", config_keys={"radius": (int, True)}, check_config=check, hub_model=True)(build)
+    cfg = {"exp_dir": "runs", "model_type": "toy", "number_class": 2, "ignore_label": 255, "training_path": "t",
+           "testing_path": "t", "model_path": "hub/toy", "dim": [8, 8, 2], "steps": [], "blocks": [],
+           "model_num": 1, "batch_size": 4, "training_number": 1, "testing_number": 1, "upsample_mode": "bilinear",
+           "share_noise": True, "input_activations": False}
+    with pytest.raises(ValueError, match=r"missing required key\(s\) \['radius'\]"):
+        validate_experiment(dict(cfg))
+    with pytest.raises(ValueError, match="'radius' must be of type int"):
+        validate_experiment(dict(cfg, radius="2"))
+    with pytest.raises(ValueError, match="'radius' must be at most 3, got 4"):
+        validate_experiment(dict(cfg, radius=4))
+    with pytest.raises(ValueError, match=r"'noise_draws' applies only to model_type \['ddpm', 'diffusers'\]"):
+        validate_experiment(dict(cfg, radius=2, noise_draws=2))
+    with pytest.raises(ValueError, match=r"'radius' applies only to model_type \['toy'\], not 'ddpm'"):
+        validate_experiment(dict(cfg, model_type="ddpm", blocks=[1], steps=[1], radius=2))
+    toy = validate_experiment(dict(cfg, radius=2))
+    check_paths(toy, ["model_path"])  # a hub model: its name is no path, and is not refused here
+    maps = create_feature_extractor(toy, {}, torch.device("cpu"))(np.zeros((8, 8, 3), np.uint8))
+    assert [tuple(m.shape) for m in maps] == [(2, 8, 8)]

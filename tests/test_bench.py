@@ -4,7 +4,13 @@ import time
 import pytest
 import torch
 
-from ddpm_seg import bench
+from ddpm_seg.commands import bench
+from ddpm_seg.benchmarks.extraction import E2E_SMALL, e2e_features
+from ddpm_seg.benchmarks.original import (original_member, original_peak_formula, original_training_set,
+                                          predict_original, upsample_concat)
+from ddpm_seg.benchmarks.store import build_store
+from ddpm_seg.benchmarks.summary import TARGETS, e2e_wall_target, format_table
+from ddpm_seg.benchmarks.synthetic import PAPER_BLOCKS, SMALL_CHANNELS, SyntheticTask, make_layout
 from ddpm_seg.ensemble import MLPEnsemble, predict_logits, train_ensemble
 from ddpm_seg.feature_store import FeatureStore, PixelSampler
 from ddpm_seg.evaluate import majority_vote
@@ -34,7 +40,7 @@ def test_small_bench_reports_every_phase(small_run, capsys):
             assert figures["peak_rss"] >= figures["base_rss"] > 50 * 2**20, (phase, side)
     assert r["store"]["ours"]["store_bytes"] == 3 * r["layout"]["store_bytes_per_image"]
     assert r["store"]["original"]["tensor_bytes"] == r["layout"]["full_res_bytes_per_image"]
-    assert r["layout"]["features"] == 3 * sum(c for c, _ in bench.PAPER_BLOCKS) // bench.SMALL_CHANNELS
+    assert r["layout"]["features"] == 3 * sum(c for c, _ in PAPER_BLOCKS) // SMALL_CHANNELS
     # Throughput: every member's pixels of every timed step over the timed seconds (ours at --batch, the
     # original at its batch of 64).
     assert r["train"]["ours"]["pixels_per_s"] == pytest.approx(3 * 32 * 10 / r["train"]["ours"]["time_s"])
@@ -51,12 +57,12 @@ def test_small_bench_reports_every_phase(small_run, capsys):
     assert r["predict"]["agreement"] >= 0.999 and r["targets"]["predict_agreement"]["met"]
     q = r["quality"]
     assert q["miou_ours"] > q["miou_chance"] + 0.1 and q["miou_original"] > q["miou_chance"] + 0.1
-    assert set(r["targets"]) == set(bench.TARGETS) - set(E2E_TARGETS)
+    assert set(r["targets"]) == set(TARGETS) - set(E2E_TARGETS)
 
 
 def test_table_has_a_row_per_phase(small_run):
     r, _ = small_run
-    table = bench.format_table(r)
+    table = format_table(r)
     lines = table.splitlines()
     assert lines[0] == f"CPU: {r['cpu']}" and lines[1].startswith("phase")
     assert [line.split()[0] for line in lines[3:]] == list(bench.DEFAULT_PHASES)
@@ -64,8 +70,8 @@ def test_table_has_a_row_per_phase(small_run):
 
 def test_original_formula():
     # [N, D, H, W] + its reshape copy (2N), or N + 2 while filling when N is 1.
-    assert bench.original_peak_formula(100, 10, 50) == 100 + 10 * 100
-    assert bench.original_peak_formula(100, 10, 1) == 100 + 10 * 3
+    assert original_peak_formula(100, 10, 50) == 100 + 10 * 100
+    assert original_peak_formula(100, 10, 1) == 100 + 10 * 3
 
 
 def test_original_paths_match_ours_numerically():
@@ -73,11 +79,11 @@ def test_original_paths_match_ours_numerically():
     FeatureStore gather and predict_logits (what the bench's comparison relies on)."""
     torch.manual_seed(0)
     shapes, size = [(6, 4, 4), (5, 8, 8)], (16, 16)
-    task = bench.SyntheticTask(shapes, size, num_classes=3, seed=1)
+    task = SyntheticTask(shapes, size, num_classes=3, seed=1)
     start = time.perf_counter()
-    X, y, seconds = bench.original_training_set(task, [0, 1], progress=False)
+    X, y, seconds = original_training_set(task, [0, 1], progress=False)
     elapsed = time.perf_counter() - start
-    store, labels, _ = bench.build_store(task, [0, 1], progress=False)
+    store, labels, _ = build_store(task, [0, 1], progress=False)
     assert X.shape == (2 * 16 * 16, 11) and 0 < seconds <= elapsed and torch.equal(y.long(), labels.flatten())
     pix = torch.arange(2 * 16 * 16)
     img, rest = pix // 256, pix % 256
@@ -87,20 +93,20 @@ def test_original_paths_match_ours_numerically():
     ensemble = MLPEnsemble(11, 3, 3, seed=0)
     maps = task.maps(5)
     ours = majority_vote(predict_logits(ensemble, maps, size))
-    nets = [bench.original_member(ensemble, m).eval() for m in range(3)]
-    assert (bench.predict_original(nets, maps, size) == ours).float().mean() > 0.99
-    x = bench.upsample_concat(maps, size).view(11, -1).t()
+    nets = [original_member(ensemble, m).eval() for m in range(3)]
+    assert (predict_original(nets, maps, size) == ours).float().mean() > 0.99
+    x = upsample_concat(maps, size).view(11, -1).t()
     assert torch.allclose(nets[1](x), ensemble.eval()(x.expand(3, -1, -1))[1], atol=1e-5)
 
 
 def test_synthetic_task_is_deterministic_and_labels_follow_the_teacher():
-    shapes, size = bench.make_layout(small=True)
-    task = bench.SyntheticTask(shapes, size, num_classes=4, seed=0)
-    a, b = task.maps(7), bench.SyntheticTask(shapes, size, 4, seed=0).maps(7)
+    shapes, size = make_layout(small=True)
+    task = SyntheticTask(shapes, size, num_classes=4, seed=0)
+    a, b = task.maps(7), SyntheticTask(shapes, size, 4, seed=0).maps(7)
     assert [tuple(m.shape) for m in a] == shapes and all(torch.equal(u, v) for u, v in zip(a, b))
     assert not torch.equal(a[0], task.maps(8)[0])
     # Labels = argmax of the teacher on the full-resolution features.
-    full = bench.upsample_concat(a, size)
+    full = upsample_concat(a, size)
     weight = torch.cat(task.teacher, dim=1)
     expected = torch.einsum("kd,dhw->khw", weight, full).argmax(0)
     assert (task.labels(a) == expected).float().mean() > 0.999
@@ -146,7 +152,7 @@ def test_e2e_runs_train_interpreter_end_to_end_at_toy_size(tmp_path):
     assert ours["extract_batch"] == 1 and len(ours["member_steps"]) == 2 and min(ours["member_steps"]) > 0
     for key in ("extract_train_s", "train_ensemble_s", "evaluate_s"):
         assert ours[key] > 0
-    steps = len(bench.E2E_SMALL["steps"])
+    steps = len(E2E_SMALL["steps"])
     assert orig["extract_train_s"] == pytest.approx(2 * steps * orig["forward_s"])
     assert orig["evaluate_s"] == pytest.approx(2 * steps * orig["forward_s"])
     # The original is billed the shortest run of its stopping rule: 4 epochs over every labelled pixel and 51 steps.
@@ -160,15 +166,44 @@ def test_e2e_runs_train_interpreter_end_to_end_at_toy_size(tmp_path):
     assert ours["member_steps"] == [4 * 8 + 51] * 2
     assert e["extract_speedup"] == pytest.approx(steps * orig["forward_s"] / (ours["extract_train_s"] / 2))
     assert set(E2E_TARGETS) <= set(r["targets"])
-    table = bench.format_table(r).splitlines()
+    table = format_table(r).splitlines()
     assert table[0] == f"CPU: {r['cpu']}" and [line.split()[0] for line in table[3:]] == ["e2e"] * 5
     # 4 of bedroom_28's 60 images on a CPU without AMX: 4/60 of 30 minutes.
-    assert r["targets"]["e2e_wall"]["target"] == f"<= {bench.e2e_wall_target(r):g}"
-    assert bench.e2e_wall_target(dict(r, cpu="x (avx2)")) == pytest.approx(120)
-    assert bench.e2e_wall_target(dict(r, cpu="x (amx_bf16)")) == pytest.approx(40)
+    assert r["targets"]["e2e_wall"]["target"] == f"<= {e2e_wall_target(r):g}"
+    assert e2e_wall_target(dict(r, cpu="x (avx2)")) == pytest.approx(120)
+    assert e2e_wall_target(dict(r, cpu="x (amx_bf16)")) == pytest.approx(40)
 
 
 def test_e2e_feature_count_is_the_papers():
     args = bench.build_parser().parse_args(["--phases", "e2e"])
     args.small = False
-    assert bench.e2e_features(args) == 8448  # 3 steps x (1024 + 512 + 512 + 512 + 256)
+    assert e2e_features(args) == 8448  # 3 steps x (1024 + 512 + 512 + 512 + 256)
+
+
+def test_diffusers_phase_measures_each_arch_in_each_dtype(tmp_path, monkeypatch, capsys):
+    """`--phases diffusers` on a tiny SD-shaped UNet: the maps' shapes and FLOPs from the meta forward, and a
+    timed row per dtype, printed and in the JSON; no summary table, as no phase of it ran."""
+    pytest.importorskip("diffusers", reason="the diffusers extra: pip install -e '.[diffusers]'")
+    from ddpm_seg.benchmarks import stable_diffusion
+    unet = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24, attention_head_dim=4,
+                norm_num_groups=4)
+    vae = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    blocks = ["up_blocks.0", "up_blocks.1.attentions.0"]
+    monkeypatch.setitem(stable_diffusion.ARCHS, "tiny", (unet, vae, {"encoder_hidden_states": (77, 24)}, blocks))
+    path = tmp_path / "diffusers.json"
+    bench.main(["--phases", "diffusers", "--archs", "tiny", "--size", "64", "--steps", "10,20", "--images", "2",
+                "--warmup", "1", "--threads", "1", "--json", str(path)])
+    out = capsys.readouterr().out
+    d = json.loads(path.read_text())["diffusers"]
+    # The tiny VAE downsamples once: a 64x64 image is a 32x32 latent; both blocks' maps, at each step.
+    assert d["features"]["tiny"]["map_shapes"] == [[32, 32, 32], [16, 32, 32]] * 2
+    assert d["features"]["tiny"]["flops"] > 0 and d["size"] == 64 and d["steps"] == [10, 20]
+    assert [(r["arch"], r["dtype"], len(r["times_s"])) for r in d["results"]] == [("tiny", "float32", 2),
+                                                                                  ("tiny", "bfloat16", 2)]
+    assert "96 features per pixel" in out and "seconds per 64x64 image (median of 2), 1 threads:" in out
+    assert not any(line.startswith("phase") for line in out.splitlines())
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--phases", "diffusers", "--archs", "sd15,nope"])

@@ -202,7 +202,7 @@ def test_a_negative_seed_is_refused_naming_the_flag(command, capsys):
 
 
 def test_train_ddpm_refuses_a_zero_lr_and_a_negative_seed(tmp_path):
-    from ddpm_seg.train_ddpm import _resolve_options, train_ddpm_defaults
+    from ddpm_seg.ddpm_training import _resolve_options, train_ddpm_defaults
     base = dict(train_ddpm_defaults(), data_dir=str(tmp_path), out_dir=str(tmp_path / "out"))
     with pytest.raises(ValueError, match="--lr must be a positive number, got 0"):
         _resolve_options(dict(base, lr=0.0))

@@ -22,7 +22,7 @@ from scenes import write_splits  # noqa: E402
 
 from ddpm_seg.backbones import create_feature_extractor, hf_diffusion  # noqa: E402
 from ddpm_seg.backbones.hf_diffusion import DiffusersFeatureExtractor, latent_shape, load_components  # noqa: E402
-from ddpm_seg.bench_diffusers import ARCHS, feature_shapes  # noqa: E402
+from ddpm_seg.benchmarks.stable_diffusion import ARCHS, feature_shapes  # noqa: E402
 from ddpm_seg.cli import main as cli_main  # noqa: E402
 from ddpm_seg.config import experiment_suffix, load_experiment, validate_experiment  # noqa: E402
 
@@ -326,7 +326,7 @@ def test_config_takes_module_names_for_diffusers_only():
         validate_experiment(config("m", dtype="fp8"))
     with pytest.raises(ValueError, match="list of integers"):
         validate_experiment(config("m", model_type="ddpm", blocks=["up_blocks.1"]))
-    with pytest.raises(ValueError, match="apply only to model_type 'diffusers'"):
+    with pytest.raises(ValueError, match=r"'prompt' applies only to model_type \['diffusers'\], not 'ddpm'"):
         validate_experiment(config("m", model_type="ddpm", blocks=[1], prompt="x"))
     # Long module names keep the run folder name short and distinct.
     long_names = BLOCKS["sd"] + ["mid_block"]

@@ -15,7 +15,8 @@ import pytest
 
 import torch
 
-from ddpm_seg import cli, download
+from ddpm_seg import cli
+from ddpm_seg.commands import download
 from ddpm_seg.config import load_experiment
 from guided_diffusion.checkpoint import read_model_flags
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
@@ -289,7 +290,7 @@ def test_packaged_table_has_the_official_sources():
     assert table["swav_w2/lsun_horse"] == {"urls": [f"{yandex}/models/swav_w2_checkpoints/lsun_horse.pth"],
                                            "dest": "checkpoints/swav_w2/lsun_horse.pth", "sha256": None}
     assert table["synthetic/gan/cat_15"]["urls"] == [f"{yandex}/synthetic-datasets/gan/cat_15.tar.gz"]
-    assert table["synthetic/gan/cat_15"]["extract_to"] == "synthetic_datasets/gan"
+    assert table["synthetic/gan/cat_15"]["extract_to"] == "synthetic-datasets/gan"
     dropbox = "https://www.dropbox.com/s/kap229jvmhfwh7i/pixel_classifiers.tar?dl=1"
     assert table["pixel_classifiers"]["urls"] == [dropbox]
 
@@ -328,8 +329,8 @@ SCRIPTS = [
     ("checkpoints/swav/download_checkpoint.sh", "lsun_horse", "swav/lsun_horse"),
     ("checkpoints/swav_w2/download_checkpoint.sh", "lsun_bedroom", "swav_w2/lsun_bedroom"),
     ("checkpoints/deeplab/download_checkpoint.sh", "resnet101", "deeplab/resnet101"),
-    ("synthetic_datasets/ddpm/download_synthetic_dataset.sh", "bedroom_28", "synthetic/ddpm/bedroom_28"),
-    ("synthetic_datasets/gan/download_synthetic_dataset.sh", "horse_21", "synthetic/gan/horse_21"),
+    ("synthetic-datasets/ddpm/download_synthetic_dataset.sh", "bedroom_28", "synthetic/ddpm/bedroom_28"),
+    ("synthetic-datasets/gan/download_synthetic_dataset.sh", "horse_21", "synthetic/gan/horse_21"),
 ]
 
 

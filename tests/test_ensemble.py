@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddpm_seg.bench import OriginalClassifier  # the original pixel_classifier layout
+from ddpm_seg.benchmarks.original import OriginalClassifier  # the original pixel_classifier layout
 from ddpm_seg.ensemble import MLPEnsemble, member_seed, predict_logits, scaled_lr, train_ensemble
 from ddpm_seg.feature_store import FeatureStore, PixelSampler
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ddpm_seg.generate_dataset as gen
+import ddpm_seg.commands.generate_dataset as gen
 from ddpm_seg.backbones import create_feature_extractor
 from ddpm_seg.config import run_dir
 from ddpm_seg.ensemble import MLPEnsemble, predict_logits
@@ -82,7 +82,7 @@ def test_two_gloo_processes_give_the_same_file_as_one(experiment, tmp_path):
     one = _generate(_argv(exp, tmp_path / "one"))["path"]
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ddpm_seg.generate_dataset", *_argv(exp, tmp_path / "two")]
+           "-m", "ddpm_seg.commands.generate_dataset", *_argv(exp, tmp_path / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = str(tmp_path / "two" / "samples_16x16x3.npz")

@@ -58,13 +58,9 @@ def test_auto_choices_follow_the_cpu(cpu_branch):
 
 
 def test_store_dtype_auto_follows_autocast():
-    class Args:
-        store_dtype, autocast = "auto", "bf16"
-    assert store_dtype_name(Args) == "bfloat16"
-    Args.autocast = "none"
-    assert store_dtype_name(Args) == "float16"
-    Args.store_dtype = "float32"
-    assert store_dtype_name(Args) == "float32"
+    assert store_dtype_name("auto", "bf16") == "bfloat16"
+    assert store_dtype_name("auto", "none") == "float16"
+    assert store_dtype_name("float32", "bf16") == "float32"
 
 
 def test_the_cpu_override_is_checked(monkeypatch):
@@ -82,10 +78,10 @@ def test_store_auto_goes_to_disk_only_when_the_features_take_over_half_the_free_
     from ddpm_seg import training
     items = [SimpleNamespace(image=np.zeros((16, 16, 3), np.uint8), label=np.zeros((16, 16), np.uint8))] * 2
     maps = [torch.ones(1, 4, 8, 8)]
-    args = SimpleNamespace(store="auto", store_dtype="float16", autocast="none")
     features = 2 * 4 * 8 * 8 * 2  # bytes of both images' float16 maps
     for free, on_disk in ((2 * features + 2, False), (2 * features - 2, True)):
         monkeypatch.setattr(training, "available_memory_bytes", lambda *a, free=free: free)
         root = tmp_path / f"store_{free}"
-        store = training.extract_training_store(lambda images, view=0: maps, items, [maps[0][0]], args, str(root))
+        store = training.extract_training_store(lambda images, view=0: maps, items, [maps[0][0]], str(root), "auto",
+                                                torch.float16)
         assert (store.root is not None) == on_disk and os.path.isdir(root) == on_disk

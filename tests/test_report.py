@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from ddpm_seg import report
+from ddpm_seg.commands import report
 
 SUFFIX = "50_150_250_5_6_7_8_12"
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpm_seg.ddpm_training import (EMA, ImageFolderDataset, ShardedBatchSampler, _resolve_options, _train_step,
+                                    parse_resume_step, step_generator, train_ddpm, train_ddpm_defaults)
 from ddpm_seg.demo_data import generate_demo_dataset
-from ddpm_seg.train_ddpm import (EMA, ImageFolderDataset, ShardedBatchSampler, _resolve_options, _train_step,
-                                 add_train_ddpm_args, parse_resume_step, step_generator, train_ddpm)
 from ddpm_seg.utils import seed_everything
 from guided_diffusion.checkpoint import load_ddpm
-from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from guided_diffusion.script_util import add_dict_to_argparser, create_model_and_diffusion, model_and_diffusion_defaults
 
 # A tiny UNet (two levels, 32 channels) on 16x16 images: a training step takes milliseconds.
 TINY = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
@@ -38,11 +38,12 @@ def _sd(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_loss_goes_down_via_cli_namespace(images, tmp_path):
-    parser = add_train_ddpm_args(argparse.ArgumentParser())
+def test_loss_goes_down_via_the_command_line_flags(images, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_dict_to_argparser(parser, train_ddpm_defaults())
     argv = [f"--{k}={v}" for k, v in TINY.items()]
     args = parser.parse_args(argv + [f"--data_dir={images}", f"--out_dir={tmp_path}", "--lr=2e-3", "--max_steps=30"])
-    result = train_ddpm(args)
+    result = train_ddpm(vars(args))
     assert result["step"] == 30
     losses = _losses(result["log"])
     assert len(losses) == 30
@@ -211,7 +212,7 @@ def test_two_process_ddp_on_cpu(images, tmp_path):
     rank by rank in this process."""
     flags = [f"--{k}={v}" for k, v in TINY.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ddpm_seg.train_ddpm", *flags, f"--data_dir={images}", f"--out_dir={tmp_path}", "--max_steps=2"]
+           "-m", "ddpm_seg.commands.train_ddpm", *flags, f"--data_dir={images}", f"--out_dir={tmp_path}", "--max_steps=2"]
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -298,7 +299,7 @@ def test_rerun_resumes_from_the_last_complete_set_and_removes_stale_files(images
 
 
 def test_ctrl_c_in_train_ddpm_exits_130_naming_the_last_set(images, tmp_path, monkeypatch, capsys):
-    import ddpm_seg.train_ddpm as module
+    import ddpm_seg.ddpm_training as module
     from ddpm_seg import cli
 
     real_step, steps = module._train_step, []

@@ -14,11 +14,11 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
-import ddpm_seg.train_deeplab as td
+import ddpm_seg.commands.train_deeplab as td
 from ddpm_seg.backbones import image_tensor
 from ddpm_seg.data import load_labelled_folder
 from ddpm_seg.evaluate import ConfusionMatrix
-from ddpm_seg.generate_dataset import save_npz
+from ddpm_seg.commands.generate_dataset import save_npz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -217,7 +217,7 @@ def test_two_gloo_processes_train_as_ddp_replayed_in_one_process(experiment, tmp
     exp, cfg = experiment
     data = str(tmp_path / "samples_32x32x3.npz")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ddpm_seg.train_deeplab", "--exp", exp, "--data_path", data,
+           "-m", "ddpm_seg.commands.train_deeplab", "--exp", exp, "--data_path", data,
            "--out_dir", str(tmp_path / "ddp"), "--backbone", "resnet50", "--batch_size", "2", "--num_epoch", "1",
            "--num_workers", "0", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}

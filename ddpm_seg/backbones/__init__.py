@@ -1,4 +1,7 @@
-"""Backbone registry: each backbone is one module that registers a builder under its model_type.
+"""Backbone registry: each backbone is one module that registers a builder under its model_type, with what the
+rest of the toolkit needs to know of it (its own config keys and their checks, whether it is a diffusion model
+that takes noise and can be swept over steps, whether its blocks are module names, whether model_path may be a
+hub id, whether its checkpoint carries guided-diffusion model flags): adding a backbone touches only its file.
 
 A builder takes (cfg, model_flags, device, seed, random_init, dtype) and returns a feature extractor: a
 callable mapping one uint8 image [H, W, 3] (numpy) to a list of activation maps [C, h, w] at their native
@@ -14,6 +17,8 @@ with shared noise gives each view its own noise draws (view 0 has the original's
 """
 
 import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -149,12 +154,33 @@ def extract_batches(extractor, images, batch_size: int, view: int = 0):
         yield chunk, extractor(np.stack([images[i] for i in chunk]), view=view)
 
 
-def register(model_type: str):
+@dataclass(frozen=True)
+class Backbone:
+    """A registered backbone: its builder and its traits."""
+    build: Callable  # (cfg, model_flags, device, seed, random_init, torch dtype) -> feature extractor
+    config_keys: dict = field(default_factory=dict)  # experiment keys only it reads: name -> (type, required)
+    check_config: Optional[Callable] = None  # (cfg, path) -> None: refuses values it cannot use, before loading
+    noised: bool = False  # a diffusion model: noise_draws and share_noise apply; extractor.at_steps(steps) sweeps
+    named_blocks: bool = False  # blocks are module names read in the order given, not output-block indices
+    hub_model: bool = False  # model_path may be a hub id, resolved (and checked) when the backbone loads
+    model_flags: bool = False  # its checkpoints carry guided-diffusion model flags (model_flags.json beside them)
+
+
+def register(model_type: str, **traits):
     def wrap(builder):
-        BACKBONES[model_type] = builder
+        BACKBONES[model_type] = Backbone(builder, **traits)
         return builder
 
     return wrap
+
+
+def backbone(model_type: str) -> Backbone:
+    """The registered backbone of that model_type (the built-in ones register when first asked for)."""
+    from . import ddpm, hf_diffusion, mae, pixels, swav  # noqa: F401
+
+    if model_type not in BACKBONES:
+        raise ValueError(f"unknown model_type {model_type!r}; available backbones: {sorted(BACKBONES)}")
+    return BACKBONES[model_type]
 
 
 def create_feature_extractor(cfg: dict, model_flags: dict, device, seed: int = 0, random_init: bool = False,
@@ -162,17 +188,12 @@ def create_feature_extractor(cfg: dict, model_flags: dict, device, seed: int = 0
     """The backbone cfg names, built, computing in `dtype` (an --extract_dtype name; auto resolved here); with
     config_path, a config value the backbone refuses (a block or step out of range, an unknown model_type) is
     reported as an error of that file."""
-    # Import the built-in backbones so they register themselves.
     from guided_diffusion.checkpoint import CheckpointError
 
-    from . import ddpm, hf_diffusion, mae, pixels, swav  # noqa: F401
-
     try:
-        model_type = cfg["model_type"]
-        if model_type not in BACKBONES:
-            raise ValueError(f"unknown model_type {model_type!r}; available backbones: {sorted(BACKBONES)}")
+        builder = backbone(cfg["model_type"]).build
         torch_dtype = extract_dtype(dtype, device, bool(model_flags.get("use_fp16")))
-        return BACKBONES[model_type](cfg, model_flags, device, seed, random_init, torch_dtype)
+        return builder(cfg, model_flags, device, seed, random_init, torch_dtype)
     except CheckpointError:
         raise  # names its own file
     except ValueError as e:

@@ -42,6 +42,12 @@ class DDPMFeatureExtractor:
     def device(self):
         return next(self.model.parameters()).device
 
+    def at_steps(self, steps):
+        """The same extractor (model, blocks, noise) reading other steps: what the sweep needs."""
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__, steps=list(steps), _activations={})
+        return other
+
     def _hook(self, block, stop):
         def hook(module, inputs, output):
             self._activations[block] = inputs[0] if self.input_activations else output
@@ -97,7 +103,7 @@ class DDPMFeatureExtractor:
         return {b: self._activations[b].float() for b in set(self.blocks)}
 
 
-@register("ddpm")
+@register("ddpm", noised=True, model_flags=True)
 def build_ddpm(cfg, model_flags, device, seed, random_init, dtype):
     # Features come from the full noising process whatever respacing a sampler may use. The body's dtype
     # is set below from `dtype`, which already follows use_fp16 on CUDA under --extract_dtype auto.

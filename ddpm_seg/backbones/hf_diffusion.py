@@ -335,7 +335,24 @@ def latent_shape(parts: dict, image_size) -> tuple:
     return parts["vae"].config.latent_channels, -(-h // factor), -(-w // factor)
 
 
-@register("diffusers")
+DTYPE_NAMES = tuple(DTYPES)
+
+
+def check_config(cfg, path):
+    """blocks name denoiser modules, read in the order given; the checks against the model come when it loads."""
+    blocks = cfg["blocks"]
+    if not all(isinstance(b, str) and b for b in blocks):
+        raise ValueError(f"{path}: 'blocks' of a diffusers model must be module names like \"up_blocks.1\", got {blocks!r}")
+    repeated = sorted({b for b in blocks if blocks.count(b) > 1})
+    if repeated:
+        raise ValueError(f"{path}: 'blocks' lists {repeated} more than once")
+    if cfg.get("dtype", "float32") not in DTYPE_NAMES:
+        raise ValueError(f"{path}: 'dtype' must be one of {list(DTYPE_NAMES)}, got {cfg['dtype']!r}")
+
+
+# prompt: the text the denoiser is conditioned on (default empty); dtype: the precision the pipeline runs in.
+@register("diffusers", config_keys={"prompt": (str, False), "dtype": (str, False)}, check_config=check_config,
+          noised=True, named_blocks=True, hub_model=True)
 def build_diffusers(cfg, model_flags, device, seed, random_init, dtype):
     if cfg["input_activations"]:
         raise ValueError("input_activations is not supported for model_type 'diffusers': name the module "

@@ -37,14 +37,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from guided_diffusion.checkpoint import safe_load
 
-from .backbones import image_tensor
-from .class_info import class_table
-from .config import check_paths, experiment_suffix, load_experiment, run_dir
-from .data import list_images, load_labelled_folder, resize_image, resize_label, synthetic_dataset_path
-from .deeplab import DEEPLABS, EXPERIMENT_NAME, build_deeplab
-from .evaluate import ConfusionMatrix, iou_metrics
-from .fingerprint import data_sha256, file_sha256
-from .utils import (atomic_torch_save, atomic_write_json, check_settings, check_writable, derive_seed, distributed,
+from ..backbones import image_tensor
+from ..class_info import class_table
+from ..config import check_paths, experiment_suffix, load_experiment, run_dir
+from ..data import list_images, load_labelled_folder, resize_image, resize_label, synthetic_dataset_path
+from ..deeplab import DEEPLABS, EXPERIMENT_NAME, build_deeplab
+from ..evaluate import ConfusionMatrix, iou_metrics
+from ..fingerprint import data_sha256, file_sha256
+from ..utils import (atomic_torch_save, atomic_write_json, check_settings, check_writable, derive_seed, distributed,
                     progress_bar, seed_arg, seed_everything)
 
 SETTINGS_NAME = "settings.json"
@@ -80,7 +80,7 @@ def load_synthetic(path: str):
     or DatasetGAN (4 arrays, latents third) .npz."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"synthetic dataset {path!r} does not exist; make it with ddpm-seg generate-dataset "
-                                "or download one (synthetic_datasets/*/download_synthetic_dataset.sh)")
+                                "or download one (synthetic-datasets/*/download_synthetic_dataset.sh)")
     try:
         npz = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:

@@ -1,16 +1,15 @@
-"""`ddpm-seg bench-diffusers`: feature sizes and extraction time per image of Stable Diffusion 1.5- and
-SDXL-sized UNets through the diffusers backbone, in float32 and bfloat16, side by side in one run.
+"""The diffusers phase: feature sizes and extraction time per image of Stable Diffusion 1.5- and SDXL-sized
+UNets through the diffusers backbone, in float32 and bfloat16, side by side in one run.
 
 The models are built at random initialisation from the public architectures of their UNets and VAEs (the
 unet/ and vae/ config.json of stable-diffusion-v1-5 and stable-diffusion-xl-base-1.0), so nothing is
 downloaded; random weights cost the same FLOPs as trained ones. The text encoders are left out: they run
 once per experiment, not per image, so the benchmark feeds the UNet a random prompt embedding of the
 encoders' output shape instead. Each architecture is built once in float32 and timed in each dtype in turn
-(converted in place): --warmup untimed images, then --images images one by one. Feature sizes come from a
-forward on the meta device (shapes only).
+(converted in place): --warmup untimed images, then --images images one by one. Feature sizes and FLOPs come
+from a forward on the meta device (shapes only).
 """
 
-import argparse
 import statistics
 import time
 
@@ -18,8 +17,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .backbones.hf_diffusion import DiffusersFeatureExtractor, import_diffusers
-from .utils import atomic_write_json
+from ..backbones.hf_diffusion import DiffusersFeatureExtractor, import_diffusers
 
 # unet/config.json of stable-diffusion-v1-5 (the keys that differ from UNet2DConditionModel's defaults or
 # fix the architecture).
@@ -111,25 +109,26 @@ def time_extraction(extractor, images, warmup: int) -> list:
     return times
 
 
-def bench(arch, dtype_names, steps, blocks, size, num_images, warmup, seed=0) -> list:
-    """One model per arch, built in float32 and timed in each dtype in turn (converted in place), on the
-    same images."""
-    torch.manual_seed(seed)
+def time_arch(arch, args, say) -> list:
+    """One model of `arch`, built in float32 and timed in each of --dtypes in turn (converted in place), on the
+    same images: a row per dtype."""
+    torch.manual_seed(args.seed)
     start = time.perf_counter()
     parts = build_parts(arch, torch.float32)
     build_s = time.perf_counter() - start
     params = sum(p.numel() for p in parts["unet"].parameters())
-    images = np.random.default_rng(seed).integers(0, 256, (warmup + num_images, size, size, 3), dtype=np.uint8)
-    results = []
-    for dtype_name in dtype_names:
+    images = np.random.default_rng(args.seed).integers(0, 256, (args.warmup + args.images, args.size, args.size, 3),
+                                                       dtype=np.uint8)
+    rows = []
+    for dtype_name in args.dtypes:
         for name in ("unet", "vae"):
             parts[name].to(DTYPES[dtype_name])
-        extractor = make_extractor(arch, parts, steps, blocks)
-        times = time_extraction(extractor, images, warmup)
-        results.append({"arch": arch, "dtype": dtype_name, "unet_params": params, "build_s": build_s,
-                        "times_s": times, "median_s": statistics.median(times)})
-        print("  " + format_row(results[-1]), flush=True)
-    return results
+        extractor = make_extractor(arch, parts, args.steps, ARCHS[arch][3])
+        times = time_extraction(extractor, images, args.warmup)
+        rows.append({"arch": arch, "dtype": dtype_name, "unet_params": params, "build_s": build_s,
+                     "times_s": times, "median_s": statistics.median(times)})
+        say("  " + format_row(rows[-1]))
+    return rows
 
 
 def format_row(r) -> str:
@@ -137,42 +136,27 @@ def format_row(r) -> str:
             f"{r['median_s']:8.2f} s  (each: {', '.join(f'{t:.2f}' for t in r['times_s'])}; build {r['build_s']:.0f} s)")
 
 
-def main(argv):
-    parser = argparse.ArgumentParser(prog="ddpm-seg bench-diffusers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archs", default="sd15,sdxl", help="comma list of " + ", ".join(ARCHS))
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma list of " + ", ".join(DTYPES))
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--steps", default="50,150", help="diffusion steps, one forward of all of them per image")
-    parser.add_argument("--images", type=int, default=3, help="timed images per model and dtype")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed images before them")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
-    archs, dtypes = args.archs.split(","), args.dtypes.split(",")
-    bad = [a for a in archs if a not in ARCHS] + [d for d in dtypes if d not in DTYPES]
-    if bad or args.images < 1 or args.warmup < 0 or args.size < 64:
-        raise ValueError(f"--archs from {list(ARCHS)}, --dtypes from {list(DTYPES)}, --images >= 1, --size >= 64; "
-                         f"got {bad or (args.images, args.size)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    steps = [int(s) for s in args.steps.split(",")]
-    results = []
-    for arch in archs:
+def measure(args, say):
+    """Every arch of --archs in this process, on --threads threads: its maps at --size for --steps, then its
+    timing in each of --dtypes (skipped where this machine has too little memory for it). Prints the seconds
+    per image of every arch and dtype."""
+    torch.set_num_threads(args.threads)
+    rows, features = [], {}
+    for arch in args.archs:
         blocks = ARCHS[arch][3]
-        shapes, flops = feature_shapes(arch, steps, blocks, args.size)
-        print(f"{arch} at {args.size}x{args.size}, steps {steps}, blocks {blocks}:")
-        print(f"  maps (C, h, w): {shapes}; {sum(s[0] for s in shapes)} features per pixel; "
-              f"{sum(c * h * w for c, h, w in shapes) * 2 / 2**20:.1f} MiB per image in a bfloat16 store; "
-              f"{flops / 1e9:.0f} GFLOP per image (VAE encoder + UNet to the last block read)")
+        shapes, flops = feature_shapes(arch, args.steps, blocks, args.size)
+        features[arch] = {"blocks": blocks, "map_shapes": shapes, "flops": flops}
+        say(f"{arch} at {args.size}x{args.size}, steps {args.steps}, blocks {blocks}:")
+        say(f"  maps (C, h, w): {shapes}; {sum(s[0] for s in shapes)} features per pixel; "
+            f"{sum(c * h * w for c, h, w in shapes) * 2 / 2**20:.1f} MiB per image in a bfloat16 store; "
+            f"{flops / 1e9:.0f} GFLOP per image (VAE encoder + UNet to the last block read)")
         params = sum(p.numel() for p in build_parts(arch, torch.float32, "meta")["unet"].parameters())
         need = 1.5 * (params + 34e6) * 4 / 2**30  # float32 UNet + VAE, with headroom
         if available_gb() < need:
-            print(f"  skipped: needs ~{need:.0f} GB and {available_gb():.0f} GB are available")
+            print(f"  {arch} skipped: needs ~{need:.0f} GB and {available_gb():.0f} GB are available")
             continue
-        results += bench(arch, dtypes, steps, blocks, args.size, args.images, args.warmup)
+        rows += time_arch(arch, args, say)
     print(f"\nseconds per {args.size}x{args.size} image (median of {args.images}), {torch.get_num_threads()} threads:")
-    for r in results:
+    for r in rows:
         print(format_row(r))
-    if args.json:
-        atomic_write_json(args.json, {"size": args.size, "steps": steps, "results": results})
+    return {"size": args.size, "steps": args.steps, "results": rows, "features": features}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Download a GAN-produced synthetic dataset (50000 samples) and extract it into synthetic_datasets/gan/.
-# Usage: bash synthetic_datasets/gan/download_synthetic_dataset.sh <bedroom_28|ffhq_34|cat_15|horse_21> [ddpm-seg download options, e.g. --record]
+# Download a GAN-produced synthetic dataset (50000 samples) and extract it into synthetic-datasets/gan/.
+# Usage: bash synthetic-datasets/gan/download_synthetic_dataset.sh <bedroom_28|ffhq_34|cat_15|horse_21> [ddpm-seg download options, e.g. --record]
 # Resumable and checksum-verified: see `ddpm-seg download --help`.
 set -euo pipefail
 name=${1:?usage: $0 <bedroom_28|ffhq_34|cat_15|horse_21> [ddpm-seg download options]}

@@ -24,21 +24,21 @@ from PIL import Image, ImageDraw, ImageFont
 
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
-from .backbones import (add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_dtype,
-                        memory_per_image, view_noise)
-from .backbones.ddpm import DDPMFeatureExtractor
-from .config import check_paths, load_experiment, resolve_model_flags
-from .data import load_split
-from .ensemble import MLPEnsemble
-from .evaluate import ConfusionMatrix
-from .feature_store import FeatureStore
-from .fingerprint import data_sha256, path_sha256
-from .interpreter import segment_maps
-from .recipe import RECIPES, make_recipe, train_members
-from .training import (AUTOCAST, add_precision_args, extract_training_store, resolve_autocast, store_dtype_name,
+from ..backbones import (add_extraction_args, backbone, create_feature_extractor, dtype_name, extract_batch_size,
+                        extract_dtype, memory_per_image)
+from ..config import check_paths, load_experiment, resolve_model_flags
+from ..data import load_split
+from ..ensemble import MLPEnsemble
+from ..evaluate import ConfusionMatrix
+from ..feature_store import FeatureStore
+from ..fingerprint import data_sha256, path_sha256
+from ..interpreter import segment_maps
+from ..recipe import RECIPES, make_recipe, train_members
+from ..training import (AUTOCAST, STORE_DTYPES, extract_training_store, resolve_autocast, store_dtype_name,
                        training_sampler)
-from .utils import atomic_path, check_settings, check_writable, progress_bar, resolve_device, seed_arg, seed_everything
-from .visualize import heatmap
+from ..utils import atomic_path, check_settings, check_writable, progress_bar, resolve_device, seed_arg, seed_everything
+from ..visualize import heatmap
+from .flags import add_precision_args
 
 CSV_COLUMNS = ("step", "block", "channels", "resolution", "miou")
 # Heat-map layout in pixels: a title line, a header row of block labels, a left column of step labels.
@@ -63,9 +63,10 @@ def parse_index_list(text: str, flag: str) -> list:
     return values
 
 
-def parse_block_list(text: str, model_type: str) -> list:
-    """--blocks: indices for a DDPM, comma-separated module names for a diffusers pipeline."""
-    if model_type != "diffusers":
+def parse_block_list(text: str, named_blocks: bool) -> list:
+    """--blocks: output-block indices (a DDPM), or comma-separated module names (named_blocks: a diffusers
+    pipeline)."""
+    if not named_blocks:
         return parse_index_list(text, "--blocks")
     names = [n.strip() for n in text.split(",")]
     if not all(names):
@@ -90,9 +91,9 @@ def run_sweep(cfg, exp_path, model_flags, args):
     args carries the sweep flags (steps, blocks, members, max_epochs, seed, device, out, store, store_dtype,
     autocast). Returns one dict per cell, step-major: step, block, channels, resolution (h, w), miou.
     """
-    if cfg["model_type"] not in ("ddpm", "diffusers"):
-        raise ValueError(f"{exp_path}: a sweep runs over diffusion steps and blocks (model_type 'ddpm' or "
-                         f"'diffusers'); model_type is {cfg['model_type']!r}")
+    if not backbone(cfg["model_type"]).noised:
+        raise ValueError(f"{exp_path}: a sweep runs over diffusion steps and blocks (a diffusion backbone such as "
+                         f"model_type 'ddpm' or 'diffusers'); model_type is {cfg['model_type']!r}")
     seed_everything(args.seed)
     device = resolve_device(args.device)
     args.autocast = resolve_autocast(args.autocast, device)
@@ -101,13 +102,8 @@ def run_sweep(cfg, exp_path, model_flags, args):
     # Built with every step and block so that out-of-range ones fail here, before anything is written.
     base = create_feature_extractor(dict(cfg, steps=steps, blocks=blocks), model_flags, device, seed=args.seed,
                                     dtype=args.extract_dtype)
-    if cfg["model_type"] == "ddpm":
-        # A sweep scores its cells in one view: view 0's noise, the training features'.
-        noise = view_noise(base.noise, base.noise_draws, 0)
-        extractors = {t: DDPMFeatureExtractor(base.model, base.diffusion, [t], blocks, base.input_activations,
-                                              noise, base.noise_draws, noise_seed=base.noise_seed) for t in steps}
-    else:
-        extractors = {t: base.at_steps([t]) for t in steps}
+    # A sweep scores its cells in view 0 (the training features' noise).
+    extractors = {t: base.at_steps([t]) for t in steps}
     train_items, test_items = load_split(cfg, "train"), load_split(cfg, "test")
     sampler = training_sampler(cfg, train_items)
     limits = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
@@ -119,7 +115,7 @@ def run_sweep(cfg, exp_path, model_flags, args):
     os.makedirs(os.path.join(args.out, "features"), exist_ok=True)
     check_settings(os.path.join(args.out, "features", "settings.json"),
                    {"config": cfg, "model_flags": model_flags, "steps": steps, "blocks": blocks,
-                    "seed": args.seed, "store_dtype": store_dtype_name(args),
+                    "seed": args.seed, "store_dtype": store_dtype_name(args.store_dtype, args.autocast),
                     "model_sha256": path_sha256(cfg.get("model_path")),
                     "training_data_sha256": data_sha256(train_items),
                     "extract_dtype": dtype_name(extract_dtype(args.extract_dtype, device,
@@ -132,7 +128,8 @@ def run_sweep(cfg, exp_path, model_flags, args):
         store_root = os.path.join(args.out, "features", f"step_{t}")
         first_maps = extractors[t](train_items[0].image)
         batch = extract_batch_size(args.extract_batch, memory_per_image(extractors[t]), device)
-        store = extract_training_store(extractors[t], train_items, first_maps, args, store_root, batch)
+        store = extract_training_store(extractors[t], train_items, first_maps, store_root, args.store,
+                                       STORE_DTYPES[store_dtype_name(args.store_dtype, args.autocast)], batch)
         for k, b in enumerate(blocks):
             channels, h, w = store.map_shapes[k]
             cell_store = single_map_store(store, k)
@@ -283,7 +280,8 @@ def main(argv):
         raise ValueError(f"--max_epochs must be >= 1, got {args.max_epochs}")
     cfg = load_experiment(args.exp)
     args.steps = parse_index_list(args.steps, "--steps") if args.steps else cfg["steps"]
-    args.blocks = parse_block_list(args.blocks, cfg["model_type"]) if args.blocks else cfg["blocks"]
+    named = backbone(cfg["model_type"]).named_blocks
+    args.blocks = parse_block_list(args.blocks, named) if args.blocks else cfg["blocks"]
     args.out = args.out or os.path.join(cfg["exp_dir"], "sweep")
     flags = resolve_model_flags(cfg, args, argv)
 

@@ -14,6 +14,7 @@ curve.png.
 """
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -26,17 +27,17 @@ from PIL import Image, ImageDraw, ImageFont
 
 from guided_diffusion.script_util import model_and_diffusion_defaults
 
-from .config import load_experiment, run_dir
-from .data import read_image
-from .demo_data import generate_demo_dataset
-from .evaluate import ConfusionMatrix
-from .train_ddpm import doubling_step, train_ddpm, train_ddpm_defaults
-from .training import add_args as add_interpreter_args
-from .training import run as run_interpreter
-from .utils import atomic_path, atomic_write_json, seed_arg
-from .visualize import colorize, save_panels
+from ..config import load_experiment, run_dir
+from ..data import read_image
+from ..demo_data import generate_demo_dataset
+from ..evaluate import ConfusionMatrix
+from ..ddpm_training import doubling_step, train_ddpm, train_ddpm_defaults
+from ..training import TrainOptions
+from ..training import run as run_interpreter
+from ..utils import atomic_path, atomic_write_json, seed_arg
+from ..visualize import colorize, save_panels
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_EXPERIMENT = os.path.join(REPO, "experiments", "demo", "ddpm.json")
 # The EMA weights of the DDPM_TRAINING run (float32 state_dict), made by the command in the README.
 SHIPPED_DDPM = os.path.join(REPO, "experiments", "demo", "demo_ddpm.pt")
@@ -54,7 +55,7 @@ SMALL_DATASET = dict(num_pool=16, num_train=6, num_test=6, num_val=6)
 FEATURE_SIZES = {"mae": 12288, "swav": 6720, "swav_w2": 13440}
 # The interpreter multiplies in float32: bfloat16 matmuls run ~100x slower than float32 on CPUs without
 # native bfloat16, and at 32x32 pixels float32 costs little anywhere.
-INTERPRETER_FLAGS = ["--store", "ram", "--autocast", "none"]
+INTERPRETER_OPTIONS = {"store": "ram", "autocast": "none"}
 PICTURE_SCALE = 4  # the 32x32 demo images drawn at 128x128
 LABEL_WIDTH = 36  # pixels a step or mIoU label takes on the curve picture
 
@@ -179,7 +180,7 @@ def save_curve_picture(path, rows, baselines):
         canvas.save(tmp, format="PNG")
 
 
-def run_curve(cfg, flags, interpreter_args, root):
+def run_curve(cfg, flags, interpreter_opts, root):
     """The demo's interpreter on every saved EMA checkpoint of the --retrain run: [{step, miou, iou}]."""
     checkpoints = saved_ema_steps(ddpm_dir(root))
     if not checkpoints:
@@ -191,7 +192,7 @@ def run_curve(cfg, flags, interpreter_args, root):
         print(f"\n=== DDPM after {step} steps ===")
         step_cfg = dict(cfg, model_path=path, exp_dir=os.path.join(os.path.dirname(cfg["exp_dir"]), "curve",
                                                                       f"step_{step:06d}"))
-        metrics = run_interpreter(step_cfg, DEMO_EXPERIMENT, flags, interpreter_args)
+        metrics = run_interpreter(step_cfg, DEMO_EXPERIMENT, flags, interpreter_opts)
         rows.append({"step": step, "miou": metrics["miou"], "iou": metrics["iou"]})
     return rows
 
@@ -235,14 +236,11 @@ def main(argv=None):
     paths = generate_demo_dataset(os.path.dirname(os.path.dirname(cfg["training_path"])),
                                   image_size=cfg["dim"][0], seed=args.seed, **dataset)
 
-    # train-interpreter's own defaults, so the demo runs it exactly as the command line would.
-    interpreter_parser = argparse.ArgumentParser()
-    add_interpreter_args(interpreter_parser)
-    interpreter_args = interpreter_parser.parse_args(
-        ["--exp", DEMO_EXPERIMENT, "--seed", str(args.seed), "--device", args.device] + INTERPRETER_FLAGS)
+    # train-interpreter's own defaults but these, so the demo runs it as the command line would.
+    interpreter_opts = TrainOptions(seed=args.seed, device=args.device, **INTERPRETER_OPTIONS)
     pc_root = os.path.dirname(cfg["exp_dir"])
     if args.curve:
-        rows = run_curve(cfg, flags, interpreter_args, args.root)
+        rows = run_curve(cfg, flags, interpreter_opts, args.root)
         summary_path = os.path.join(pc_root, "demo_summary.json")
         baselines = {}
         if os.path.isfile(summary_path):
@@ -274,8 +272,8 @@ def main(argv=None):
     results = {}
     for title, (run_cfg, random_init) in runs.items():
         print(f"\n=== {title} ===")
-        interpreter_args.random_init = random_init
-        metrics = run_interpreter(run_cfg, DEMO_EXPERIMENT, flags, interpreter_args)
+        metrics = run_interpreter(run_cfg, DEMO_EXPERIMENT, flags,
+                                  dataclasses.replace(interpreter_opts, random_init=random_init))
         results[title] = {"miou": metrics["miou"], "iou": metrics["iou"],
                           "run_dir": run_dir(run_cfg, args.seed, random_init)}
     picture = os.path.join(pc_root, "demo_prediction.png")

@@ -1,6 +1,7 @@
-"""train-ddpm: train a guided-diffusion DDPM on a folder of unlabelled images.
+"""Training a guided-diffusion DDPM on a folder of unlabelled images: `ddpm-seg train-ddpm` and the demo's
+retraining run it.
 
-Flags and checkpoint files follow guided-diffusion's image_train.py, so checkpoints from either
+Options and checkpoint files follow guided-diffusion's image_train.py, so checkpoints from either
 side load into the other:
     model{step:06d}.pt            plain state_dict of the UNetModel
     ema_{rate}_{step:06d}.pt      the same keys, holding the exponential moving average
@@ -19,7 +20,6 @@ Under torchrun (WORLD_SIZE > 1) each process trains on its own shard with Distri
 (nccl on CUDA, gloo on CPU); --batch_size is per process and only rank 0 writes files.
 """
 
-import argparse
 import contextlib
 import functools
 import json
@@ -44,7 +44,6 @@ from guided_diffusion.checkpoint import (
     safe_load,
 )
 from guided_diffusion.script_util import (
-    add_dict_to_argparser,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
@@ -83,11 +82,6 @@ def train_defaults():
 def train_ddpm_defaults():
     """All flags of train-ddpm: model and diffusion flags plus training flags."""
     return {**model_and_diffusion_defaults(), **train_defaults()}
-
-
-def add_train_ddpm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    add_dict_to_argparser(parser, train_ddpm_defaults())
-    return parser
 
 
 class ImageFolderDataset(Dataset):
@@ -204,17 +198,13 @@ class EMA:
         return {name: self.params.get(name, value).detach().cpu() for name, value in model.state_dict().items()}
 
 
-def _resolve_options(args):
-    """Namespace from the CLI (extra keys of the parent parser ignored) or a dict (unknown keys refused)."""
+def _resolve_options(options):
+    """The options of train_ddpm_defaults() given in the dict `options` (unknown keys refused), checked."""
     defaults = train_ddpm_defaults()
-    if isinstance(args, argparse.Namespace):
-        given = {k: v for k, v in vars(args).items() if k in defaults}
-    else:
-        unknown = sorted(set(args) - set(defaults))
-        if unknown:
-            raise ValueError(f"unknown train-ddpm options {unknown}; valid options: {sorted(defaults)}")
-        given = dict(args)
-    opts = SimpleNamespace(**{**defaults, **given})
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown train-ddpm options {unknown}; valid options: {sorted(defaults)}")
+    opts = SimpleNamespace(**{**defaults, **options})
     if not opts.data_dir:
         raise ValueError("train-ddpm needs --data_dir (a folder of training images)")
     if not opts.out_dir:
@@ -381,13 +371,13 @@ def _train_step(model, diffusion, opt, batch, gen, microbatch, autocast):
     return total
 
 
-def train_ddpm(args):
-    """Train a DDPM; `args` is the CLI's Namespace or a dict of options (see train_ddpm_defaults()).
+def train_ddpm(options):
+    """Train a DDPM; `options` is a dict of the options of train_ddpm_defaults() (the rest take their defaults).
 
     Returns a dict of what the run ended with: step (int), model, opt and model_flags (paths),
     ema ({rate: path}), and log (path of the JSON-lines loss log).
     """
-    opts = _resolve_options(args)
+    opts = _resolve_options(options)
     with distributed(opts.device) as (rank, world_size, device):
         return _run(opts, rank, world_size, device)
 
@@ -474,14 +464,3 @@ def interrupted_note(out_dir, ema_rates, step):
         return f"stopped after step {step}; no checkpoint was saved yet (the first comes at --save_interval)"
     return (f"stopped after step {step}; the last checkpoint set is model{complete[-1]:06d}.pt (step "
             f"{complete[-1]}) in {out_dir}: run the same command again to resume from it")
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_train_ddpm_args(parser)
-    result = train_ddpm(parser.parse_args(argv))
-    print(json.dumps(result, indent=1))
-
-
-if __name__ == "__main__":
-    main()

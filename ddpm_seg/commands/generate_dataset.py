@@ -38,12 +38,12 @@ from guided_diffusion.script_util import (
     model_and_diffusion_defaults,
 )
 
-from .backbones import add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_dtype
-from .config import check_paths, load_experiment, resolve_model_flags, run_dir
-from .data import synthetic_dataset_path
-from .fingerprint import files_sha256, path_sha256
-from .interpreter import Interpreter, load_ensemble, member_path, run_extract_dtype
-from .utils import (atomic_path, atomic_write_json, check_settings, check_writable, derive_seed,
+from ..backbones import add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_dtype
+from ..config import check_paths, load_experiment, resolve_model_flags, run_dir
+from ..data import synthetic_dataset_path
+from ..fingerprint import files_sha256, path_sha256
+from ..interpreter import Interpreter, load_ensemble, member_path, run_extract_dtype
+from ..utils import (atomic_path, atomic_write_json, check_settings, check_writable, derive_seed,
                     distributed, folder_lock, on_interrupt, progress_bar, seed_arg)
 
 INDEX_NAME = "index.json"
