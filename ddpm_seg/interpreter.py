@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backbones import EXTRACT_DTYPES, backbone, create_feature_extractor, extract_batches
+from .backbones import (EXTRACT_DTYPES, backbone, create_feature_extractor, extract_batch_size, extract_batches,
+                        memory_per_image)
 from .class_info import class_table
 from .config import validate_experiment
 from .data import image_to_rgb, read_image, resize_image
@@ -157,24 +158,50 @@ def segment_maps(ensemble, maps, resolution, size):
 class Interpreter:
     """Segments images with a feature extractor and a trained ensemble; class names and palette come along."""
 
-    def __init__(self, cfg, extractor, ensemble, extract_batch=1):
+    def __init__(self, cfg, extractor, ensemble, extract_batch=None):
         if cfg["number_class"] > 256:
             raise ValueError(f"number_class {cfg['number_class']} > 256: labels are written as uint8 ids")
         self.cfg, self.extractor, self.ensemble = cfg, extractor, ensemble
         self.class_names, self.palette = class_table(cfg)
         self.number_class, self.ignore_label = cfg["number_class"], cfg["ignore_label"]
         self.resolution = tuple(cfg["dim"][:2])
-        self.extract_batch = extract_batch  # images per backbone forward
+        self.extract_batch = extract_batch  # images per backbone forward; None: batch_size() chooses
         self.views = cfg.get("test_views", 1)
 
     @classmethod
-    def load(cls, run_dir, model_path=None, device="auto", extract_dtype=None):
+    def build(cls, cfg, model_flags, run_folder, seed, random_init=False, device="auto", extract_dtype="auto",
+              extract_batch=None, extractor=None, config_path=None):
+        """The one way an Interpreter is made: the backbone `cfg` names (or `extractor`, already built from it
+        with this seed) and the cfg["model_num"] members model_{i}.pth saved in `run_folder`. train-interpreter's
+        evaluation, generate-dataset and load() (predict, the Python API) all come here."""
+        device = resolve_device(device)
+        if extractor is None:
+            extractor = create_feature_extractor(cfg, model_flags, device, seed=seed, random_init=random_init,
+                                                 config_path=config_path, dtype=extract_dtype)
+        return cls(cfg, extractor, load_ensemble(cfg, run_folder, seed, device), extract_batch)
+
+    @property
+    def device(self):
+        return next(self.ensemble.parameters()).device
+
+    @property
+    def backbone_network(self):
+        """The backbone's network (a DDPM's UNet: generate-dataset samples from it)."""
+        return self.extractor.model
+
+    def batch_size(self) -> int:
+        """Images per backbone forward: extract_batch, else as many as a quarter of the free memory holds (1
+        until the extractor has seen an image and knows its memory per image; always 1 on CPU)."""
+        return extract_batch_size(self.extract_batch, memory_per_image(self.extractor), self.device)
+
+    @classmethod
+    def load(cls, run_dir, model_path=None, device="auto", extract_dtype=None, extract_batch=None):
         """The interpreter of a train-interpreter run folder (.../seed_<N>/): its settings.json holds the
         config, the model flags, the seed, random_init and the backbone's precision; model_{i}.pth the
         members. `model_path` replaces the backbone checkpoint path recorded there (a run folder copied to
         another machine). The backbone computes in the precision the run's evaluation used (so an image gets
         the labels the evaluation wrote, whatever this CPU would choose by itself), unless `extract_dtype`
-        names another (an --extract_dtype name)."""
+        names another (an --extract_dtype name). extract_batch: images per backbone forward (see batch_size)."""
         path = os.path.join(run_dir, SETTINGS_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{run_dir!r} is not a train-interpreter run folder: it has no {SETTINGS_NAME}")
@@ -197,17 +224,14 @@ class Interpreter:
             raise FileNotFoundError(f"{path}: the backbone checkpoint {cfg['model_path']!r} it was trained with does "
                                     "not exist here; pass its path (--model_path, or Interpreter.load(..., model_path=))")
         check_checkpoint(settings, cfg, path)
-        device = resolve_device(device)
-        extractor = create_feature_extractor(cfg, settings["model_flags"], device, seed=seed,
-                                             random_init=settings["random_init"],
-                                             dtype=extract_dtype or recorded_extract_dtype(settings, path))
-        return cls(cfg, extractor, load_ensemble(cfg, run_dir, seed, device))
+        return cls.build(cfg, settings["model_flags"], run_dir, seed, settings["random_init"], device,
+                         extract_dtype or recorded_extract_dtype(settings, path), extract_batch)
 
     def features(self, images, view=0):
         """Feature maps of images already at the experiment's resolution (and in test view `view`): per image, a
         list of [C, h, w]; extract_batch images per backbone forward."""
         per_image = []
-        for chunk, maps in extract_batches(self.extractor, images, self.extract_batch, view):
+        for chunk, maps in extract_batches(self.extractor, images, self.batch_size(), view):
             per_image += [[m[j] for m in maps] for j in range(len(chunk))]
         return per_image
 
@@ -271,12 +295,14 @@ def evaluate(interpreter, items, folder, pictures=True):
     scores = []
     stems = prediction_stems(items)
     bar = progress_bar(total=len(items), desc="evaluate")
-    for start in range(0, len(items), interpreter.extract_batch):
-        chunk = items[start:start + interpreter.extract_batch]
+    start = 0
+    while start < len(items):
+        chunk = items[start:start + interpreter.batch_size()]
         for k, (pred, unc, score) in enumerate(interpreter.segment([it.image for it in chunk])):
             evaluate_one(interpreter, chunk[k], stems[start + k], pred, unc, matrix, folder, pictures)
             scores.append(score)
         bar.update(len(chunk))
+        start += len(chunk)
     bar.close()
     kept = {stem + ext for stem in stems for ext in ([".npy", ".png"] if pictures else [".npy"])}
     predictions = os.path.join(folder, "predictions")

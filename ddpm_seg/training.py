@@ -182,7 +182,6 @@ def run(cfg, exp_path, model_flags, opts: TrainOptions):
                 "extract_dtype": extract_dtype_name}
     if not todo:
         check_finished_folder(os.path.join(folder, SETTINGS_NAME), settings)
-    ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=opts.seed).to(device)
     timings = {}
     if todo:
         train_items = load_split(cfg, "train")
@@ -211,19 +210,17 @@ def run(cfg, exp_path, model_flags, opts: TrainOptions):
               f"per pixel, store {store.nbytes / 2**30:.2f} GiB ({'disk' if store.root else 'RAM'}); "
               f"training members {todo}, recipe {recipe.name}, batch {recipe.batch_size}, lr {recipe.lr:g}")
         start = time.time()
+        ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=opts.seed).to(device)
         stats, train_timings = train_members(ensemble, store, sampler, recipe, seed=opts.seed, members=todo,
                                              device=device, matmul_dtype=AUTOCAST[autocast],
                                              on_member_done=lambda m: ensemble.save_member(member_path(folder, m), m))
         timings.update(train_timings)
         timings["train_ensemble_s"] = time.time() - start
         timings["member_steps"] = {m: stats[m]["steps"] for m in todo}
-        del store
+        del store, ensemble  # the members are on disk; evaluation loads them from there
         shutil.rmtree(store_root, ignore_errors=True)  # a cache for resuming; the members are what we keep
-    for m in range(cfg["model_num"]):
-        ensemble.load_member(member_path(folder, m), m)
-
-    interpreter = Interpreter(cfg, extractor, ensemble.eval(),
-                              extract_batch_size(opts.extract_batch, memory_per_image(extractor), device))
+    interpreter = Interpreter.build(cfg, model_flags, folder, opts.seed, opts.random_init, device,
+                                    extract_batch=opts.extract_batch, extractor=extractor)
     start = time.time()
     metrics = evaluate(interpreter, test_items, folder, pictures=opts.pictures)
     timings["evaluate_s"] = time.time() - start

@@ -38,11 +38,11 @@ from guided_diffusion.script_util import (
     model_and_diffusion_defaults,
 )
 
-from ..backbones import add_extraction_args, create_feature_extractor, dtype_name, extract_batch_size, extract_dtype
+from ..backbones import add_extraction_args, dtype_name, extract_dtype
 from ..config import check_paths, load_experiment, resolve_model_flags, run_dir
 from ..data import synthetic_dataset_path
 from ..fingerprint import files_sha256, path_sha256
-from ..interpreter import Interpreter, load_ensemble, member_path, run_extract_dtype
+from ..interpreter import Interpreter, member_path, run_extract_dtype
 from ..utils import (atomic_path, atomic_write_json, check_settings, check_writable, derive_seed,
                     distributed, folder_lock, on_interrupt, progress_bar, seed_arg)
 
@@ -69,9 +69,9 @@ def add_args(parser):
     add_dict_to_argparser(parser, model_and_diffusion_defaults())
 
 
-def sample_seed(seed: int, index: int, stream: int = 0) -> int:
-    """Seed of sample `index`'s random stream (0: sampling noise, 1: feature noise): a function of its arguments alone."""
-    return derive_seed(seed, index, stream)
+def sample_seed(seed: int, index: int) -> int:
+    """Seed of sample `index`'s sampling noise: a function of its arguments alone."""
+    return derive_seed(seed, index)
 
 
 def sampling_diffusion(flags: dict):
@@ -108,21 +108,12 @@ def sample_images(model, diffusion, indices, seed, image_size, use_ddim=False, c
     return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def label_images(interpreter, images, indices, seed):
-    """uint8 images [B, H, W, 3] -> (uint8 labels [B, H, W], float32 uncertainty scores [B]), as on real images,
-    interpreter.extract_batch images per extractor call."""
-    batch_size = interpreter.extract_batch
-    if interpreter.extractor.noise is None:
-        # Without share_noise the extractor draws fresh noise from the global generator, seeded per sample
-        # below so that a sample's labels do not depend on its chunk: one image per call.
-        batch_size = 1
-    labels, scores = [], []
-    for start in range(0, len(images), batch_size):
-        torch.manual_seed(sample_seed(seed, indices[start], stream=1))
-        for label, _, score in interpreter.segment(images[start:start + batch_size]):
-            labels.append(label)
-            scores.append(score)
-    return np.stack(labels), np.array(scores, dtype=np.float32)
+def label_images(interpreter, images):
+    """uint8 images [B, H, W, 3] -> (uint8 labels [B, H, W], float32 uncertainty scores [B]), as on real images.
+    An image's features do not depend on the images beside it (with or without share_noise), so neither do
+    its labels."""
+    results = interpreter.segment(images)
+    return np.stack([label for label, _, _ in results]), np.array([s for _, _, s in results], dtype=np.float32)
 
 
 def chunk_ranges(num_samples: int, batch_size: int) -> list:
@@ -220,9 +211,8 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
                 "extract_dtype": dtype_name(extract_dtype(dtype, device, bool(flags.get("use_fp16"))))}
     # Features on the full process the ensemble was trained with; sampling on the (maybe respaced) one.
     # Both are built before anything is written, so a wrong --seed or --run_dir leaves no folder behind.
-    extractor = create_feature_extractor(cfg, flags, device, seed=args.seed, config_path=args.exp,
-                                         dtype=dtype)
-    interpreter = Interpreter(cfg, extractor, load_ensemble(cfg, ensemble_dir, args.seed, device))
+    interpreter = Interpreter.build(cfg, flags, ensemble_dir, args.seed, device=device, extract_dtype=dtype,
+                                    extract_batch=args.extract_batch, config_path=args.exp)
     settings["ensemble_sha256"] = files_sha256([member_path(ensemble_dir, m) for m in range(cfg["model_num"])])
     diffusion = sampling_diffusion(flags)
     chunks = chunk_ranges(opts["num_samples"], opts["batch_size"])
@@ -232,7 +222,7 @@ def _run(cfg, args, flags, opts, rank, world_size, device):
     with folder_lock(folder, "generate-dataset") if rank == 0 else contextlib.nullcontext():
         with on_interrupt(lambda: interrupted_note(folder, chunks)):
             return _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, size, rank,
-                             world_size, args.extract_batch, device)
+                             world_size)
 
 
 def interrupted_note(folder, chunks):
@@ -240,8 +230,7 @@ def interrupted_note(folder, chunks):
     return f"{done} of {len(chunks)} chunks saved in {folder}; run the same command again to resume"
 
 
-def _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, size, rank, world_size, extract_batch,
-              device):
+def _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, size, rank, world_size):
     # The index is written with the first chunk, once sampling and labelling have worked with these settings:
     # a run refused or failed before that leaves nothing that would refuse its corrected rerun.
     index_path = os.path.join(folder, INDEX_NAME)
@@ -270,11 +259,10 @@ def _generate(interpreter, diffusion, settings, opts, chunks, out_path, folder, 
                        desc=f"generate (rank {rank})" if world_size > 1 else "generate", disable=rank != 0)
     for k in mine:
         indices = range(*chunks[k])
-        images = sample_images(interpreter.extractor.model, diffusion, indices, opts["sample_seed"], size,
+        images = sample_images(interpreter.backbone_network, diffusion, indices, opts["sample_seed"], size,
                                opts["use_ddim"], opts["clip_denoised"])
         # 1 until the extractor has seen an image and knows its memory per image.
-        interpreter.extract_batch = extract_batch_size(extract_batch, interpreter.extractor.bytes_per_image, device)
-        labels, scores = label_images(interpreter, images, indices, opts["sample_seed"])
+        labels, scores = label_images(interpreter, images)
         if not os.path.isfile(index_path):
             atomic_write_json(index_path, settings)
         save_chunk(chunk_path(folder, k), indices, images, labels, scores)

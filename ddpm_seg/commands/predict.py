@@ -235,8 +235,8 @@ def predict(args) -> dict:
     if args.deeplab:
         segmenter = DeepLabSegmenter.load(args.deeplab, args.exp, resolve_device(args.device))
     else:
-        segmenter = Interpreter.load(args.run_dir, args.model_path, args.device)
-        segmenter.extract_batch = args.batch_size  # one backbone forward per batch of inputs
+        # One backbone forward per batch of inputs.
+        segmenter = Interpreter.load(args.run_dir, args.model_path, args.device, extract_batch=args.batch_size)
     os.makedirs(args.out, exist_ok=True)  # only once the inputs and the model are known to be good
     with folder_lock(args.out, "predict"):
         return segment_inputs(args, inputs, segmenter)
