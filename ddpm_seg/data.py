@@ -232,7 +232,7 @@ def check_unique_stems(paths: list) -> None:
         if stem in seen:
             raise ValueError(f"{seen[stem]!r} and {path!r} share the stem {os.path.basename(stem)!r}, so they would "
                              f"share one label; if one is a mask, move it to the {MASK_FOLDER}/ folder at the top "
-                             "of the image folder (see README, Your own data)")
+                             "of the image folder (see docs/commands.md, Labels and images)")
         seen[stem] = path
 
 

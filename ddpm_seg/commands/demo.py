@@ -39,7 +39,7 @@ from ..visualize import colorize, save_panels
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_EXPERIMENT = os.path.join(REPO, "experiments", "demo", "ddpm.json")
-# The EMA weights of the DDPM_TRAINING run (float32 state_dict), made by the command in the README.
+# The EMA weights of the DDPM_TRAINING run (float32 state_dict), made by the command in docs/demo.md.
 SHIPPED_DDPM = os.path.join(REPO, "experiments", "demo", "demo_ddpm.pt")
 # The recipe of the shipped DDPM. float32: on CPUs without native bfloat16 (AVX2 only) bf16 autocast made
 # each step ~30x slower, not faster. The trajectory is a function of the seed and step alone, so the
