@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from ddpm_seg.config import load_experiment
-from ddpm_seg.commands.demo import DDPM_TRAINING, DEMO_EXPERIMENT, SHIPPED_DDPM, SHIPPED_EMA_RATE, main
+from ddpm_seg.commands.demo import main
+from ddpm_seg.demo import DDPM_TRAINING, DEMO_EXPERIMENT, SHIPPED_DDPM, SHIPPED_EMA_RATE
 from ddpm_seg.demo_data import DEMO_CLASS_NAMES, DEMO_PALETTE
 from guided_diffusion.checkpoint import load_ddpm, read_model_flags
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
@@ -114,7 +115,7 @@ def test_extra_backbones_fit_the_demo_images():
 
     from ddpm_seg.backbones import create_feature_extractor
     from ddpm_seg.config import validate_experiment
-    from ddpm_seg.commands.demo import baseline_configs
+    from ddpm_seg.demo import baseline_configs
 
     cfg = load_experiment(DEMO_EXPERIMENT)
     configs = baseline_configs(cfg, ["mae", "swav", "swav_w2"])
@@ -128,7 +129,7 @@ def test_extra_backbones_fit_the_demo_images():
 
 
 def test_curve_scores_doubling_steps_and_the_last():
-    from ddpm_seg.commands.demo import curve_points
+    from ddpm_seg.demo import curve_points
     from ddpm_seg.ddpm_training import doubling_step
 
     saved = {s: f"ema_{s}.pt" for s in range(200, 10401, 200)}

@@ -20,7 +20,7 @@ from ddpm_seg.config import experiment_suffix, load_experiment
 from ddpm_seg.data import read_label
 from ddpm_seg.ensemble import MLPEnsemble, train_ensemble
 from ddpm_seg.feature_store import FeatureStore, PixelSampler
-from ddpm_seg.commands.train_deeplab import load_synthetic
+from ddpm_seg.deeplab_training import load_synthetic
 from guided_diffusion.checkpoint import CheckpointError, load_ddpm, safe_load
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 

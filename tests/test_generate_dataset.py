@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ddpm_seg.commands.generate_dataset as gen
+import ddpm_seg.commands.generate_dataset as command
+import ddpm_seg.synthetic_data as gen
 from ddpm_seg.backbones import create_feature_extractor
-from ddpm_seg.config import run_dir
+from ddpm_seg.config import load_experiment, resolve_model_flags, run_dir
 from ddpm_seg.ensemble import MLPEnsemble, predict_logits
 from ddpm_seg.evaluate import image_uncertainty_score, majority_vote, uncertainty_map
 from ddpm_seg.utils import LOCK_NAME
@@ -68,8 +69,10 @@ def _argv(exp, out_dir, *extra):
 
 def _generate(argv):
     parser = argparse.ArgumentParser()
-    gen.add_args(parser)
-    return gen.generate_dataset(parser.parse_args(argv), argv)
+    command.add_args(parser)
+    args = parser.parse_args(argv)
+    cfg = load_experiment(args.exp)
+    return gen.generate_dataset(cfg, args.exp, resolve_model_flags(cfg, args, argv), command.generate_options(args))
 
 
 def _arrays(path):

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from ddpm_seg.cli import main as cli_main
-from ddpm_seg.commands.sweep import CELL_H, CELL_W, cell_origin, heatmap_picture, parse_index_list
+from ddpm_seg.commands.sweep import parse_index_list
+from ddpm_seg.sweep import CELL_H, CELL_W, cell_origin, heatmap_picture
 from ddpm_seg.visualize import heatmap
 
 

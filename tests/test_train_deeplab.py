@@ -14,11 +14,13 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
-import ddpm_seg.commands.train_deeplab as td
+import ddpm_seg.deeplab_training as td
 from ddpm_seg.backbones import image_tensor
+from ddpm_seg.commands import train_deeplab as train_deeplab_command
+from ddpm_seg.config import load_experiment
 from ddpm_seg.data import load_labelled_folder
 from ddpm_seg.evaluate import ConfusionMatrix
-from ddpm_seg.commands.generate_dataset import save_npz
+from ddpm_seg.synthetic_data import save_npz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,8 +108,9 @@ def _train(exp, data, out_dir, epochs):
     argv = ["--exp", exp, "--data_path", data, "--out_dir", str(out_dir), "--backbone", "resnet50",
             "--batch_size", "3", "--num_epoch", str(epochs), "--num_workers", "0", "--device", "cpu"]
     parser = argparse.ArgumentParser()
-    td.add_args(parser)
-    return td.train_deeplab(parser.parse_args(argv))
+    train_deeplab_command.add_args(parser)
+    options = train_deeplab_command.deeplab_options(parser.parse_args(argv))
+    return td.train_deeplab(load_experiment(exp), exp, options)
 
 
 def miou_on_test_images(model, cfg):

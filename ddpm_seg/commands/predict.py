@@ -29,291 +29,43 @@ afresh.
 """
 
 import argparse
-import csv
-import glob
-import heapq
-import json
-import os
-import time
 
-import numpy as np
-from PIL import Image
-
-from ..data import IMAGE_EXTENSIONS, is_hidden, list_images, read_image
-from ..deeplab import DeepLabSegmenter
-from ..fingerprint import file_sha256, files_sha256, path_sha256
-from ..interpreter import Interpreter, member_path
-from ..utils import (append_line, atomic_path, atomic_save_npy, check_writable, folder_lock, progress_bar,
-                    resolve_device)
-from ..visualize import heatmap, save_contact_sheet, save_mask_png, save_segmentation_picture
-
-SUGGEST_THUMBNAIL = 128  # pixels, the longer side of a contact-sheet thumbnail
-JOURNAL_NAME = ".predict_journal.jsonl"
+from ..prediction import PredictOptions, predict
 
 
 def add_args(parser):
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--run_dir", help="a train-interpreter run folder, e.g. pixel_classifiers/<ds>/ddpm/<steps_blocks>/seed_0")
     model.add_argument("--deeplab", help="a train-deeplab checkpoint (deeplab_best.pth)")
-    parser.add_argument("--exp", default=None, help="with --deeplab: its experiment config (default: the "
-                                                    "experiment.json train-deeplab wrote beside the checkpoint)")
-    parser.add_argument("--model_path", default=None,
+    parser.add_argument("--exp", default=PredictOptions.exp,
+                        help="with --deeplab: its experiment config (default: the experiment.json train-deeplab wrote "
+                             "beside the checkpoint)")
+    parser.add_argument("--model_path", default=PredictOptions.model_path,
                         help="with --run_dir: the backbone checkpoint, replacing the path recorded in the run folder")
     parser.add_argument("--input", nargs="+", required=True, help="image files, folders (recursive) or globs")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    parser.add_argument("--batch_size", type=int, default=1, help="images segmented per call")
-    parser.add_argument("--format", choices=["png", "npy", "both"], default="png", help="how masks are written")
-    parser.add_argument("--overlay", dest="overlay", action="store_true", default=True,
+    parser.add_argument("--device", default=PredictOptions.device, help="auto | cpu | cuda[:i]")
+    parser.add_argument("--batch_size", type=int, default=PredictOptions.batch_size, help="images segmented per call")
+    parser.add_argument("--format", choices=["png", "npy", "both"], default=PredictOptions.mask_format,
+                        help="how masks are written")
+    parser.add_argument("--overlay", dest="overlay", action="store_true", default=PredictOptions.overlay,
                         help="write overlays/<stem>.png (the default)")
     parser.add_argument("--no_overlay", dest="overlay", action="store_false", help="write no overlays")
     parser.add_argument("--uncertainty", action="store_true", help="write uncertainty/<stem>.png and .npy")
-    parser.add_argument("--suggest", type=int, default=0, metavar="K",
+    parser.add_argument("--suggest", type=int, default=PredictOptions.suggest, metavar="K",
                         help="write suggest.txt and suggest.png: the K most uncertain images, to label next")
 
 
-def glob_base(pattern: str) -> str:
-    """The folder part of a glob before its first wildcard: outputs mirror the matches' paths below it."""
-    parts = []
-    for part in os.path.normpath(pattern).split(os.sep):
-        if glob.has_magic(part):
-            break
-        parts.append(part)
-    return os.sep.join(parts) if parts else "."
-
-
-def collect_inputs(patterns, out_dir) -> list:
-    """[(image path, output stem relative to --out)] in input order. A folder gives its images (as
-    list_images: jpg/png, no hidden files) except those under --out, a glob its matching images, a file
-    itself whatever its name. A path matching nothing is an error, as is a file or glob match inside --out
-    (its outputs could overwrite it) and two inputs that would write the same outputs."""
-    out_dir = os.path.realpath(out_dir) + os.sep
-    found = []
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            found += [(p, os.path.relpath(p, pattern)) for p in list_images(pattern)
-                      if not os.path.realpath(p).startswith(out_dir)]
-            continue
-        if os.path.isfile(pattern):
-            matches = [(pattern, os.path.basename(pattern))]
-        elif glob.has_magic(pattern):
-            base = glob_base(pattern)
-            matches, hits = [], sorted(glob.glob(pattern, recursive=True))
-            for match in hits:
-                rel = os.path.relpath(match, base)
-                if os.path.isdir(match):
-                    found += [(p, os.path.relpath(p, base)) for p in list_images(match)]
-                elif match.lower().endswith(IMAGE_EXTENSIONS) and not any(is_hidden(p) for p in rel.split(os.sep)):
-                    matches.append((match, rel))
-            if not matches and not any(os.path.isdir(m) for m in hits):
-                raise FileNotFoundError(f"--input {pattern!r}: the glob matches no image ({', '.join(IMAGE_EXTENSIONS)})")
-        else:
-            raise FileNotFoundError(f"--input {pattern!r}: no such file or folder, and no glob")
-        inside = [path for path, _ in matches if os.path.realpath(path).startswith(out_dir)]
-        if inside:
-            raise ValueError(f"--input {inside[0]!r} lies inside --out {out_dir[:-1]!r}, where its outputs could "
-                             "overwrite it; choose another --out")
-        found += matches
-    inputs, owner = [], {}
-    for path, rel in found:
-        stem = os.path.splitext(rel)[0]
-        if stem in owner:
-            if os.path.samefile(owner[stem], path):
-                continue  # the same image named twice
-            raise ValueError(f"--input: {owner[stem]!r} and {path!r} would both be written as masks/{stem}.png "
-                             "under --out; rename one of them or write them to separate --out folders")
-        owner[stem] = path
-        inputs.append((path, stem))
-    if not inputs:
-        raise FileNotFoundError(f"--input {patterns}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-    return inputs
-
-
-def output_files(args) -> list:
-    """(folder, extension) of every file predict writes of each input: one folder per kind of output."""
-    files = {"png": [("masks", ".png")], "npy": [("masks", ".npy")],
-             "both": [("masks", ".png"), ("masks", ".npy")]}[args.format]
-    files += [("overlays", ".png")] if args.overlay else []
-    return files + ([("uncertainty", ".npy"), ("uncertainty", ".png")] if args.uncertainty else [])
-
-
-def output_path(out, kind, stem, extension) -> str:
-    return os.path.join(out, kind, stem + extension)
-
-
-def write_outputs(out, stem, image, labels, unc, segmenter, args) -> None:
-    if args.format in ("png", "both"):
-        save_mask_png(output_path(out, "masks", stem, ".png"), labels, segmenter.palette)
-    if args.format in ("npy", "both"):
-        atomic_save_npy(output_path(out, "masks", stem, ".npy"), labels)
-    if args.overlay:  # with the uncertainty panel under --uncertainty; one colour scale for every image
-        save_segmentation_picture(output_path(out, "overlays", stem, ".png"), image, labels, segmenter.palette,
-                                  segmenter.class_names, uncertainty=unc if args.uncertainty else None,
-                                  uncertainty_max=segmenter.uncertainty_max)
-    if args.uncertainty:
-        atomic_save_npy(output_path(out, "uncertainty", stem, ".npy"), unc)
-        with atomic_path(output_path(out, "uncertainty", stem, ".png")) as tmp:
-            Image.fromarray(heatmap(unc, segmenter.uncertainty_max)).save(tmp, format="PNG")
-
-
-def thumbnail(array, resample):
-    picture = Image.fromarray(array)
-    picture.thumbnail((SUGGEST_THUMBNAIL, SUGGEST_THUMBNAIL), resample)
-    return np.asarray(picture)
-
-
-def write_csv(path, rows, class_names) -> None:
-    # surrogateescape: a file name that is not valid UTF-8 is written as its own bytes, so it names the file.
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "width", "height", "uncertainty_score"] + list(class_names))
-        for row in rows:
-            writer.writerow([row["image"], row["width"], row["height"], repr(row["score"])]
-                            + [f"{share:.6f}" for share in row["shares"]])
-
-
-def input_stamp(path) -> list:
-    """What an input's outputs depend on: its size, modification time and content."""
-    stat = os.stat(path)
-    return [stat.st_size, stat.st_mtime_ns, file_sha256(path)]
-
-
-def run_header(args, segmenter) -> dict:
-    """What the outputs depend on: the model by content (DeepLab checkpoint, or the members and the backbone
-    checkpoint), its config and the output options."""
-    if args.deeplab:
-        model = {"deeplab_sha256": file_sha256(args.deeplab)}
-    else:
-        members = [member_path(args.run_dir, m) for m in range(segmenter.cfg["model_num"])]
-        model = {"members_sha256": files_sha256(members),
-                 "model_sha256": path_sha256(segmenter.cfg.get("model_path"))}
-    return {"model": model, "config": segmenter.cfg, "format": args.format, "overlay": args.overlay,
-            "uncertainty": args.uncertainty}
-
-
-def read_journal(path, header) -> dict:
-    """{(image path, stem): row} of a journal written with the same header; {} when there is none or it
-    belongs to another model or options. A last line cut short by a kill is ignored."""
-    try:
-        with open(path) as f:
-            lines = f.read().split("\n")
-    except FileNotFoundError:
-        return {}
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    if not records or records[0] != json.loads(json.dumps(header)):
-        return {}
-    return {(r["image"], r["stem"]): r for r in records[1:]}
-
-
-def outputs_present(out, stem, args) -> bool:
-    return all(os.path.isfile(output_path(out, kind, stem, ext)) for kind, ext in output_files(args))
-
-
-def read_labels(out, stem, args) -> np.ndarray:
-    """The class ids an earlier run wrote for `stem` (its .npy, or the palette PNG's indices)."""
-    if args.format in ("npy", "both"):
-        return np.load(output_path(out, "masks", stem, ".npy"))
-    with Image.open(output_path(out, "masks", stem, ".png")) as mask:
-        return np.asarray(mask)
-
-
-def predict(args) -> dict:
-    """Segment every input (see segment_inputs), holding a lock on --out."""
-    if args.batch_size < 1 or args.suggest < 0:
-        raise ValueError(f"--batch_size must be >= 1 and --suggest >= 0, got {args.batch_size}, {args.suggest}")
-    if args.exp and not args.deeplab:
-        raise ValueError("--exp goes with --deeplab; a --run_dir holds its own config")
-    if args.model_path and not args.run_dir:
-        raise ValueError("--model_path goes with --run_dir (the DDPM backbone); a DeepLab needs none")
-    check_writable(args.out)
-    inputs = collect_inputs(args.input, args.out)
-    if args.deeplab:
-        segmenter = DeepLabSegmenter.load(args.deeplab, args.exp, resolve_device(args.device))
-    else:
-        # One backbone forward per batch of inputs.
-        segmenter = Interpreter.load(args.run_dir, args.model_path, args.device, extract_batch=args.batch_size)
-    os.makedirs(args.out, exist_ok=True)  # only once the inputs and the model are known to be good
-    with folder_lock(args.out, "predict"):
-        return segment_inputs(args, inputs, segmenter)
-
-
-def segment_inputs(args, inputs, segmenter) -> dict:
-    """Segment every input; returns {"rows": per image (input order), "failed": [(path, reason)],
-    "suggested": [paths], "seconds", "images_per_s"}."""
-    journal_path, header = os.path.join(args.out, JOURNAL_NAME), run_header(args, segmenter)
-    done = read_journal(journal_path, header)
-    if not done:
-        with atomic_path(journal_path) as tmp, open(tmp, "w") as f:
-            f.write(json.dumps(header) + "\n")
-    rows = {}
-    for i, (path, stem) in enumerate(inputs):
-        row = done.get((path, stem))
-        if row and outputs_present(args.out, stem, args) and row.get("input") == input_stamp(path):
-            rows[i] = row
-    todo = [(i, path, stem) for i, (path, stem) in enumerate(inputs) if i not in rows]
-    if rows:
-        print(f"{len(rows)} of {len(inputs)} images were segmented by an earlier run with this model and options "
-              f"(listed in {journal_path}); segmenting the other {len(todo)}")
-    failed = []
-    start = time.time()
-    bar = progress_bar(total=len(todo), unit="img", desc="predict")
-    for begin in range(0, len(todo), args.batch_size):
-        batch = []
-        for i, path, stem in todo[begin:begin + args.batch_size]:
-            try:
-                batch.append((i, path, stem, read_image(path)))
-            except ValueError as e:
-                failed.append((path, str(e)))
-                bar.write(f"skipped {path}: {e}")
-                bar.update(1)
-        results = segmenter.segment([image for _, _, _, image in batch]) if batch else []
-        for (i, path, stem, image), (labels, unc, score) in zip(batch, results):
-            stamp = input_stamp(path)  # before the outputs: an image replaced meanwhile is done again next time
-            write_outputs(args.out, stem, image, labels, unc, segmenter, args)
-            shares = np.bincount(labels.ravel(), minlength=segmenter.number_class)[:segmenter.number_class]
-            rows[i] = {"image": path, "stem": stem, "input": stamp, "width": image.shape[1],
-                       "height": image.shape[0], "score": score, "shares": (shares / labels.size).tolist()}
-            # Written after the image's outputs: a listed image is complete.
-            append_line(journal_path, json.dumps(rows[i]))
-            bar.update(1)
-    bar.close()
-    seconds = time.time() - start
-    segmented = len(todo) - len(failed)
-    rows = [rows[i] for i in sorted(rows)]  # input order
-    top = []  # heap of the --suggest most uncertain: (score, -index, path, image, labels thumbnails)
-    for i, row in enumerate(rows if args.suggest else []):
-        entry = (row["score"], -i, row["image"])
-        if len(top) < args.suggest or entry[:2] > top[0][:2]:
-            entry += (thumbnail(read_image(row["image"]), Image.BILINEAR),
-                      thumbnail(read_labels(args.out, row["stem"], args), Image.NEAREST))
-            (heapq.heappush if len(top) < args.suggest else heapq.heappushpop)(top, entry)
-    write_csv(os.path.join(args.out, "predictions.csv"), rows, segmenter.class_names)
-    suggested = sorted(top, reverse=True)  # highest score first; among equal scores, input order
-    if args.suggest:
-        with atomic_path(os.path.join(args.out, "suggest.txt")) as tmp, \
-                open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.writelines(path + "\n" for _, _, path, _, _ in suggested)
-        save_contact_sheet(os.path.join(args.out, "suggest.png"),
-                           [(f"{i + 1}. {score:.4f} {os.path.basename(path)}", image, labels)
-                            for i, (score, _, path, image, labels) in enumerate(suggested)],
-                           segmenter.palette, segmenter.class_names, side=SUGGEST_THUMBNAIL)
-    rate = segmented / seconds if segmented and seconds > 0 else None
-    print(f"{segmented} images segmented in {seconds:.1f} s" + (f": {rate:.3f} images/s" if rate else "")
-          + f"; outputs in {args.out}")
-    for path, reason in failed:
-        print(f"failed: {path}: {reason}")
-    return {"rows": rows, "failed": failed, "suggested": [path for _, _, path, _, _ in suggested],
-            "seconds": seconds, "images_per_s": rate}
+def predict_options(args) -> PredictOptions:
+    return PredictOptions(inputs=tuple(args.input), out_dir=args.out, run_dir=args.run_dir, deeplab=args.deeplab,
+                          exp=args.exp, model_path=args.model_path, device=args.device, batch_size=args.batch_size,
+                          mask_format=args.format, overlay=args.overlay, uncertainty=args.uncertainty,
+                          suggest=args.suggest)
 
 
 def main(argv):
     parser = argparse.ArgumentParser(prog="ddpm-seg predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(parser)
-    result = predict(parser.parse_args(argv))
+    result = predict(predict_options(parser.parse_args(argv)))
     return 1 if result["failed"] else 0
