@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import ddpm_seg.commands.generate_dataset as command
 import ddpm_seg.synthetic_data as gen
+from ddpm_seg.commands.flags import options_from_flags
 from ddpm_seg.backbones import create_feature_extractor
 from ddpm_seg.config import load_experiment, resolve_model_flags, run_dir
 from ddpm_seg.ensemble import MLPEnsemble, predict_logits
@@ -72,7 +73,7 @@ def _generate(argv):
     command.add_args(parser)
     args = parser.parse_args(argv)
     cfg = load_experiment(args.exp)
-    return gen.generate_dataset(cfg, args.exp, resolve_model_flags(cfg, args, argv), command.generate_options(args))
+    return gen.generate_dataset(cfg, args.exp, resolve_model_flags(cfg, args, argv), options_from_flags(gen.GenerateOptions, args))
 
 
 def _arrays(path):

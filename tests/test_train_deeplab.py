@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import ddpm_seg.deeplab_training as td
 from ddpm_seg.backbones import image_tensor
 from ddpm_seg.commands import train_deeplab as train_deeplab_command
+from ddpm_seg.commands.flags import options_from_flags
 from ddpm_seg.config import load_experiment
 from ddpm_seg.data import load_labelled_folder
 from ddpm_seg.evaluate import ConfusionMatrix
@@ -109,7 +110,7 @@ def _train(exp, data, out_dir, epochs):
             "--batch_size", "3", "--num_epoch", str(epochs), "--num_workers", "0", "--device", "cpu"]
     parser = argparse.ArgumentParser()
     train_deeplab_command.add_args(parser)
-    options = train_deeplab_command.deeplab_options(parser.parse_args(argv))
+    options = options_from_flags(td.DeepLabOptions, parser.parse_args(argv))
     return td.train_deeplab(load_experiment(exp), exp, options)
 
 

@@ -1,4 +1,7 @@
-"""Flag groups that more than one command takes (a command imports no other command, so they live here)."""
+"""What more than one command needs of its flags (a command imports no other command, so it lives here): flag
+groups, and turning parsed flags into an engine's options."""
+
+import dataclasses
 
 from ..training import AUTOCAST, STORE_DTYPES, TrainOptions
 
@@ -12,3 +15,10 @@ def add_precision_args(parser):
     parser.add_argument("--store_dtype", choices=["auto"] + sorted(STORE_DTYPES), default=TrainOptions.store_dtype,
                         help="dtype of the training feature store; auto: bfloat16 under --autocast bf16 (the "
                              "features are rounded to bfloat16 before the matmul anyway), else float16")
+
+
+def options_from_flags(options_class, args, **given):
+    """An engine's frozen options dataclass from the parsed flags of the same names; `given` sets the fields
+    whose flag is named or shaped otherwise."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(options_class) if hasattr(args, f.name)}
+    return options_class(**{**flags, **given})

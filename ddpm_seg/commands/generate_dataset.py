@@ -23,7 +23,6 @@ k % world_size == r (nccl on CUDA, gloo on CPU) and rank 0 merges them once all 
 """
 
 import argparse
-import dataclasses
 import sys
 
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
@@ -32,6 +31,7 @@ from ..backbones import add_extraction_args
 from ..config import load_experiment, resolve_model_flags
 from ..synthetic_data import GenerateOptions, generate_dataset, sampling_options
 from ..utils import seed_arg
+from .flags import options_from_flags
 
 
 def add_args(parser):
@@ -52,17 +52,13 @@ def add_args(parser):
     add_dict_to_argparser(parser, model_and_diffusion_defaults())
 
 
-def generate_options(args) -> GenerateOptions:
-    return GenerateOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateOptions)})
-
-
 def main(argv):
     parser = argparse.ArgumentParser(prog="ddpm-seg generate-dataset", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(parser)
     args = parser.parse_args(argv)
     cfg = load_experiment(args.exp)
-    generate_dataset(cfg, args.exp, resolve_model_flags(cfg, args, argv), generate_options(args))
+    generate_dataset(cfg, args.exp, resolve_model_flags(cfg, args, argv), options_from_flags(GenerateOptions, args))
 
 
 if __name__ == "__main__":

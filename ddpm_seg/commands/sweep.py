@@ -15,7 +15,6 @@ model_num = --members and the same seed exactly (share_noise experiments; withou
 """
 
 import argparse
-import dataclasses
 import os
 import time
 
@@ -26,7 +25,7 @@ from ..config import load_experiment, resolve_model_flags
 from ..recipe import RECIPES
 from ..sweep import SweepOptions, best_cell, format_table, run_sweep, save_heatmap, write_csv
 from ..utils import seed_arg
-from .flags import add_precision_args
+from .flags import add_precision_args, options_from_flags
 
 
 def parse_index_list(text: str, flag: str) -> list:
@@ -84,12 +83,12 @@ def add_args(parser):
 def sweep_options(args, cfg) -> SweepOptions:
     """The flags as SweepOptions; --steps, --blocks and --out default to the config's steps and blocks and
     <exp_dir>/sweep."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SweepOptions)}
-    given["steps"] = parse_index_list(args.steps, "--steps") if args.steps else cfg["steps"]
     named = backbone(cfg["model_type"]).named_blocks
-    given["blocks"] = parse_block_list(args.blocks, named) if args.blocks else cfg["blocks"]
-    given["out"] = args.out or os.path.join(cfg["exp_dir"], "sweep")
-    return SweepOptions(**given)
+    return options_from_flags(
+        SweepOptions, args,
+        steps=parse_index_list(args.steps, "--steps") if args.steps else cfg["steps"],
+        blocks=parse_block_list(args.blocks, named) if args.blocks else cfg["blocks"],
+        out=args.out or os.path.join(cfg["exp_dir"], "sweep"))
 
 
 def main(argv):

@@ -23,13 +23,13 @@ DistributedDataParallel (--batch_size per process) and rank 0 evaluates and writ
 """
 
 import argparse
-import dataclasses
 import sys
 
 from ..config import load_experiment
 from ..deeplab import DEEPLABS
 from ..deeplab_training import DeepLabOptions, train_deeplab
 from ..utils import seed_arg
+from .flags import options_from_flags
 
 
 def add_args(parser):
@@ -59,16 +59,12 @@ def add_args(parser):
                         help="auto | cpu | cuda[:i] (under torchrun: cuda:LOCAL_RANK)")
 
 
-def deeplab_options(args) -> DeepLabOptions:
-    return DeepLabOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DeepLabOptions)})
-
-
 def main(argv):
     parser = argparse.ArgumentParser(prog="ddpm-seg train-deeplab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(parser)
     args = parser.parse_args(argv)
-    train_deeplab(load_experiment(args.exp), args.exp, deeplab_options(args))
+    train_deeplab(load_experiment(args.exp), args.exp, options_from_flags(DeepLabOptions, args))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from ..config import load_experiment, resolve_model_flags, run_dir
 from ..recipe import PROJECTION_WIDTH, RECIPES
 from ..training import TrainOptions, interrupted_note, run
 from ..utils import on_interrupt, seed_arg
-from .flags import add_precision_args
+from .flags import add_precision_args, options_from_flags
 
 
 def add_args(parser):
@@ -57,11 +57,6 @@ def add_args(parser):
     add_dict_to_argparser(parser, model_and_diffusion_defaults())
 
 
-def train_options(args) -> TrainOptions:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions) if hasattr(args, f.name)}
-    return TrainOptions(**given, pictures=not args.no_pictures)
-
-
 def parse_seeds(text):
     try:
         seeds = [int(s) for s in text.split(",")]
@@ -80,7 +75,7 @@ def main(argv):
     args = parser.parse_args(argv)
     cfg = load_experiment(args.exp)
     flags = resolve_model_flags(cfg, args, argv)
-    opts = train_options(args)
+    opts = options_from_flags(TrainOptions, args, pictures=not args.no_pictures)
     seeds = parse_seeds(args.seeds) if args.seeds else [opts.seed]
     if len(seeds) > 1 and opts.run_dir:
         raise ValueError("--run_dir names one folder; it cannot be combined with several --seeds")
