@@ -52,7 +52,8 @@ def entry():
     """The console script: a bad input (file, key, value, checkpoint) or an output that cannot be written is one
     line on stderr and exit code 2, not a traceback; Ctrl-C says what was saved and exits with 130."""
     from guided_diffusion.checkpoint import CheckpointError
-    from ddpm_seg.utils import WRITE_ERRNOS, Interrupted, WriteError, write_error
+    from ddpm_seg.files import WRITE_ERRNOS, WriteError, write_error
+    from ddpm_seg.progress import Interrupted
 
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     for stream in (sys.stdout, sys.stderr):

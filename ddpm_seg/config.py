@@ -9,7 +9,7 @@ from guided_diffusion.script_util import args_to_dict, model_and_diffusion_defau
 
 from .backbones import BACKBONES, backbone
 from .class_info import dataset_info, dataset_names
-from .utils import read_json_object
+from .files import read_json_object
 
 # key -> (expected type, required). The original files carry a few keys the code never reads
 # (max_training, validation_path, category); they are accepted so those files load unchanged.

@@ -49,8 +49,10 @@ from guided_diffusion.script_util import (
 )
 
 from .data import IMAGE_EXTENSIONS, list_images, read_image, readable_paths
-from .utils import (append_line, atomic_torch_save_set, atomic_write_json, check_writable, derive_seed, distributed,
-                    on_interrupt, progress_bar, seed_everything)
+from .device import distributed
+from .files import append_line, atomic_torch_save_set, atomic_write_json, check_writable
+from .progress import on_interrupt, progress_bar
+from .seeding import derive_seed, seed_everything
 
 LOG_FILENAME = "train_log.jsonl"
 

@@ -29,8 +29,10 @@ from .data import list_images, load_labelled_folder, resize_image, resize_label,
 from .deeplab import EXPERIMENT_NAME, build_deeplab
 from .evaluate import ConfusionMatrix, iou_metrics
 from .fingerprint import data_sha256, file_sha256
-from .utils import (atomic_torch_save, atomic_write_json, check_settings, check_writable, derive_seed, distributed,
-                    progress_bar, seed_everything)
+from .device import distributed
+from .files import atomic_torch_save, atomic_write_json, check_settings, check_writable
+from .progress import progress_bar
+from .seeding import derive_seed, seed_everything
 
 SETTINGS_NAME = "settings.json"
 

@@ -23,7 +23,7 @@ from .evaluate import ConfusionMatrix
 from .ddpm_training import doubling_step, train_ddpm, train_ddpm_defaults
 from .training import TrainOptions
 from .training import run as run_interpreter
-from .utils import atomic_path, atomic_write_json
+from .files import atomic_path, atomic_write_json
 from .visualize import colorize, save_panels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

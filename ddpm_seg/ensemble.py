@@ -17,7 +17,13 @@ import torch.nn.functional as F
 
 from guided_diffusion.checkpoint import mismatch_report, safe_load
 
-from .utils import atomic_torch_save, derive_seed, keep_freed_memory, progress_bar
+from .device import keep_freed_memory
+
+from .files import atomic_torch_save
+
+from .progress import progress_bar
+
+from .seeding import derive_seed
 
 PAPER_BATCH, PAPER_LR = 64, 1e-3  # pixels per member per step, Adam learning rate
 PATIENCE = 50  # the original stopping rule: batches without a new best loss before a member stops

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils import (WRITE_ERRNOS, WriteError, atomic_write_json, check_writable, format_bytes, free_bytes,
-                    read_json_object, write_error)
+from .files import (WRITE_ERRNOS, WriteError, atomic_write_json, check_writable, format_bytes, free_bytes,
+                     read_json_object, write_error)
 
 META_FILE = "meta.json"
 LAYOUT = "NHWC-by-resolution"

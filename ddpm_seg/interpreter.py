@@ -32,7 +32,9 @@ from .data import image_to_rgb, read_image, resize_image
 from .ensemble import MLPEnsemble, predict_logits
 from .evaluate import ConfusionMatrix, image_uncertainty_score, iou_metrics, majority_vote, uncertainty_map
 from .fingerprint import path_sha256, short
-from .utils import atomic_save_npy, progress_bar, read_json_object, resolve_device
+from .device import resolve_device
+from .files import atomic_save_npy, read_json_object
+from .progress import progress_bar
 from .visualize import save_mask_png, save_prediction_picture, save_segmentation_picture
 
 SETTINGS_NAME = "settings.json"

@@ -19,8 +19,9 @@ from .data import IMAGE_EXTENSIONS, is_hidden, list_images, read_image
 from .deeplab import DeepLabSegmenter
 from .fingerprint import file_sha256, files_sha256, path_sha256
 from .interpreter import Interpreter, member_path
-from .utils import (append_line, atomic_path, atomic_save_npy, check_writable, folder_lock, progress_bar,
-                    resolve_device)
+from .device import resolve_device
+from .files import append_line, atomic_path, atomic_save_npy, check_writable, folder_lock
+from .progress import progress_bar
 from .visualize import heatmap, save_contact_sheet, save_mask_png, save_segmentation_picture
 
 SUGGEST_THUMBNAIL = 128  # pixels, the longer side of a contact-sheet thumbnail

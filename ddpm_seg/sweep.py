@@ -27,7 +27,10 @@ from .interpreter import segment_maps
 from .recipe import make_recipe, train_members
 from .training import (AUTOCAST, STORE_DTYPES, TrainOptions, extract_training_store, resolve_autocast,
                        store_dtype_name, training_sampler)
-from .utils import atomic_path, check_settings, check_writable, progress_bar, resolve_device, seed_everything
+from .device import resolve_device
+from .files import atomic_path, check_settings, check_writable
+from .progress import progress_bar
+from .seeding import seed_everything
 from .visualize import heatmap
 
 CSV_COLUMNS = ("step", "block", "channels", "resolution", "miou")

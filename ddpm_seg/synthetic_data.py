@@ -20,8 +20,10 @@ from .config import check_paths, run_dir
 from .data import synthetic_dataset_path
 from .fingerprint import files_sha256, path_sha256
 from .interpreter import Interpreter, member_path, run_extract_dtype
-from .utils import (atomic_path, atomic_write_json, check_settings, check_writable, derive_seed, distributed,
-                    folder_lock, on_interrupt, progress_bar)
+from .device import distributed
+from .files import atomic_path, atomic_write_json, check_settings, check_writable, folder_lock
+from .progress import on_interrupt, progress_bar
+from .seeding import derive_seed
 
 INDEX_NAME = "index.json"
 # The sampling options, in the order of the original generate_dataset.py's flags.

@@ -25,8 +25,10 @@ from .feature_store import FeatureStore, PixelSampler
 from .fingerprint import data_sha256, path_sha256, short
 from .interpreter import SETTINGS_NAME, Interpreter, evaluate, member_path
 from .recipe import FAST_EPOCHS, PROJECTION_WIDTH, make_recipe, train_members
-from .utils import (atomic_write_json, available_memory_bytes, check_settings, check_writable, fast_bf16, progress_bar,
-                    read_json_object, resolve_device, seed_everything)
+from .device import available_memory_bytes, fast_bf16, resolve_device
+from .files import atomic_write_json, check_settings, check_writable, read_json_object
+from .progress import progress_bar
+from .seeding import seed_everything
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

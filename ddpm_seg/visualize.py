@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ddpm_seg.data import resize_label
-from ddpm_seg.utils import atomic_path
+from ddpm_seg.files import atomic_path
 
 # Ignored pixels are drawn black: no benchmark palette uses pure black, and
 # default_palette never does.

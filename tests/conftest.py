@@ -16,7 +16,9 @@ REFERENCE_DIR = os.path.join(os.path.dirname(ROOT), "shared", "reference")
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 from scenes import write_splits  # noqa: E402
 
-from ddpm_seg.utils import LOCK_NAME, NATIVE_BF16_ENV  # noqa: E402
+from ddpm_seg.device import NATIVE_BF16_ENV
+
+from ddpm_seg.files import LOCK_NAME
 
 # Every "auto" precision choice follows the CPU's bf16 flags. The suite takes the float32 branch on every machine
 # (here and in the commands the tests start as subprocesses); tests of the bf16 branch ask for `cpu_bf16`.

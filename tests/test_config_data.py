@@ -181,7 +181,7 @@ def test_class_names_for_own_datasets():
 def test_device_names():
     import torch
 
-    from ddpm_seg.utils import resolve_device
+    from ddpm_seg.device import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in ("cpu", "cuda")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_seg import cli, utils
+from ddpm_seg import cli, files, progress
 from ddpm_seg.backbones import create_feature_extractor
 from ddpm_seg.class_info import class_table
 from ddpm_seg.config import experiment_suffix, load_experiment
@@ -112,22 +112,22 @@ def test_feature_store_injected_enospc_leaves_no_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", no_space)
-    with pytest.raises(utils.WriteError, match=r"cannot write .*table0.f16: no space left on the device \(.* free\)"):
+    with pytest.raises(files.WriteError, match=r"cannot write .*table0.f16: no space left on the device \(.* free\)"):
         FeatureStore([(4, 8, 8)], (16, 16), 3, root=str(tmp_path / "store"))
     assert not os.path.exists(tmp_path / "store")
 
 
 def test_feature_store_too_big_for_the_free_space_is_refused_before_any_file(tmp_path, monkeypatch):
     monkeypatch.setattr("ddpm_seg.feature_store.free_bytes", lambda path: 1000)
-    with pytest.raises(utils.WriteError, match=r"needs 1.5 KiB more and the disk has 1000 B free"):
+    with pytest.raises(files.WriteError, match=r"needs 1.5 KiB more and the disk has 1000 B free"):
         FeatureStore([(4, 8, 8)], (16, 16), 3, root=str(tmp_path / "store"))
     assert not os.path.exists(tmp_path / "store")
 
 
 def test_checkpoint_on_a_full_tmpfs_is_a_write_error_and_leaves_nothing(tmpfs):
     disk = tmpfs("small", size="256k")
-    with pytest.raises(utils.WriteError) as err:
-        utils.atomic_torch_save({"w": torch.zeros(200_000)}, str(disk / "model_0.pth"))
+    with pytest.raises(files.WriteError) as err:
+        files.atomic_torch_save({"w": torch.zeros(200_000)}, str(disk / "model_0.pth"))
     assert str(err.value).startswith(f"cannot write {disk}/model_0.pth: no space left on the device (")
     assert os.listdir(disk) == []
 
@@ -151,28 +151,28 @@ class FullDisk:
         self.f.close()
 
 
-def fill_the_disk_under_utils(monkeypatch):
+def fill_the_disk_under_files(monkeypatch):
     real_open = open
-    monkeypatch.setattr(utils, "open", lambda path, mode="r", *a, **k: FullDisk(real_open(path, mode, *a, **k)),
+    monkeypatch.setattr(files, "open", lambda path, mode="r", *a, **k: FullDisk(real_open(path, mode, *a, **k)),
                         raising=False)
 
 
 def test_injected_enospc_in_torch_and_numpy_saves_names_the_file(tmp_path, monkeypatch):
-    fill_the_disk_under_utils(monkeypatch)
-    for save, name in [(lambda p: utils.atomic_torch_save({"w": torch.ones(3)}, p), "a.pt"),
-                       (lambda p: utils.atomic_save_npy(p, np.ones(3)), "b.npy"),
-                       (lambda p: utils.atomic_write_json(p, {"a": 1}), "c.json")]:
-        with pytest.raises(utils.WriteError, match=rf"cannot write {tmp_path}/{name}: no space left on the device"):
+    fill_the_disk_under_files(monkeypatch)
+    for save, name in [(lambda p: files.atomic_torch_save({"w": torch.ones(3)}, p), "a.pt"),
+                       (lambda p: files.atomic_save_npy(p, np.ones(3)), "b.npy"),
+                       (lambda p: files.atomic_write_json(p, {"a": 1}), "c.json")]:
+        with pytest.raises(files.WriteError, match=rf"cannot write {tmp_path}/{name}: no space left on the device"):
             save(str(tmp_path / name))
     assert os.listdir(tmp_path) == []
 
 
 def test_a_full_disk_under_a_log_names_the_log(tmp_path, monkeypatch):
     log = tmp_path / "train_log.jsonl"
-    utils.append_line(str(log), '{"step": 1}')
-    fill_the_disk_under_utils(monkeypatch)
-    with pytest.raises(utils.WriteError, match=rf"cannot write {log}: no space left on the device"):
-        utils.append_line(str(log), '{"step": 2}')
+    files.append_line(str(log), '{"step": 1}')
+    fill_the_disk_under_files(monkeypatch)
+    with pytest.raises(files.WriteError, match=rf"cannot write {log}: no space left on the device"):
+        files.append_line(str(log), '{"step": 2}')
     monkeypatch.undo()
     assert log.read_text() == '{"step": 1}\n'  # earlier lines untouched
 
@@ -249,7 +249,7 @@ def test_unwritable_folder_injected_eacces_is_one_line(tmp_path, monkeypatch, ca
     runs = tmp_path / "runs" / "tiny" / "ddpm" / "seed_0"
     runs.mkdir(parents=True)
     (runs / "metrics.json").write_text(json.dumps({"miou": 0.5, "seed": 0, "model_type": "ddpm", "random_init": False}))
-    monkeypatch.setattr(utils.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(files.tempfile, "mkstemp", denied)
     code, err = run_cli(monkeypatch, capsys, "report", str(tmp_path / "runs"), "--out", str(tmp_path / "locked" / "r"))
     assert code == 2
     assert one_error_line(err, "report") == (f"ddpm-seg report: error: cannot write {tmp_path}/locked: no write "
@@ -423,7 +423,7 @@ def test_category_table_with_another_number_class_needs_own_names(experiment, tm
 # ---- 10. progress output in a redirected log ----
 
 def test_a_bar_in_a_log_writes_whole_lines_at_most_a_minute_apart(capsys):
-    bar = utils.progress_bar(total=10000, desc="work")
+    bar = progress.progress_bar(total=10000, desc="work")
     for _ in range(10000):
         bar.update(1)
     bar.close()

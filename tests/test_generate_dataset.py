@@ -18,7 +18,7 @@ from ddpm_seg.backbones import create_feature_extractor
 from ddpm_seg.config import load_experiment, resolve_model_flags, run_dir
 from ddpm_seg.ensemble import MLPEnsemble, predict_logits
 from ddpm_seg.evaluate import image_uncertainty_score, majority_vote, uncertainty_map
-from ddpm_seg.utils import LOCK_NAME
+from ddpm_seg.files import LOCK_NAME
 from conftest import lock_held_by_a_live_process
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 

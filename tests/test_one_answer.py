@@ -15,7 +15,7 @@ from ddpm_seg.backbones import extract_dtype
 from ddpm_seg.cli import main as cli_main
 from ddpm_seg.interpreter import Interpreter
 from ddpm_seg.training import resolve_autocast, store_dtype_name
-from ddpm_seg.utils import NATIVE_BF16_ENV, cpu_has_native_bf16
+from ddpm_seg.device import NATIVE_BF16_ENV, cpu_has_native_bf16
 
 
 def test_every_path_gives_the_labels_the_evaluation_wrote(tmp_path, cpu_branch, monkeypatch):

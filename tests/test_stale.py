@@ -18,7 +18,7 @@ import ddpm_seg
 from conftest import TINY, lock_held_by_a_live_process, make_experiment
 from ddpm_seg.cli import main as cli_main
 from ddpm_seg.ddpm_training import ImageFolderDataset
-from ddpm_seg.utils import LOCK_NAME
+from ddpm_seg.files import LOCK_NAME
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 RUN = os.path.join("10_30_2_5", "seed_0")

@@ -13,7 +13,7 @@ from PIL import Image
 from ddpm_seg.ddpm_training import (EMA, ImageFolderDataset, ShardedBatchSampler, _resolve_options, _train_step,
                                     parse_resume_step, step_generator, train_ddpm, train_ddpm_defaults)
 from ddpm_seg.demo_data import generate_demo_dataset
-from ddpm_seg.utils import seed_everything
+from ddpm_seg.seeding import seed_everything
 from guided_diffusion.checkpoint import load_ddpm
 from guided_diffusion.script_util import add_dict_to_argparser, create_model_and_diffusion, model_and_diffusion_defaults
 

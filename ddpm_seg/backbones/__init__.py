@@ -23,7 +23,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..utils import available_memory_bytes, cpu_has_native_bf16, derive_seed
+from ..device import available_memory_bytes, cpu_has_native_bf16
+
+from ..seeding import derive_seed
 
 BACKBONES = {}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

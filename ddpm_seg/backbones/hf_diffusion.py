@@ -24,7 +24,7 @@ import urllib.parse
 import numpy as np
 import torch
 
-from ..utils import read_json_object
+from ..files import read_json_object
 from . import check_noise_draws, image_noise, register, shared_noise, view_noise
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 
-from ..utils import fast_bf16
+from ..device import fast_bf16
 
 GB = 1e9
 IGNORE_LABEL = 255

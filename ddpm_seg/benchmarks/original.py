@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..ensemble import PAPER_BATCH, PAPER_LR, hidden_sizes
-from ..utils import progress_bar
+from ..progress import progress_bar
 from .harness import IGNORE_LABEL
 from .synthetic import layout_summary
 

@@ -10,7 +10,7 @@ import time
 import torch
 
 from ..feature_store import FeatureStore
-from ..utils import progress_bar
+from ..progress import progress_bar
 from .harness import GB, run_isolated, store_dtype
 from .original import original_at_n, original_training_set
 from .synthetic import synthetic_task

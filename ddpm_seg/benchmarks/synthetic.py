@@ -4,7 +4,7 @@ at the paper's feature layout (or a tiny one), labelled by a fixed teacher, so t
 import torch
 import torch.nn.functional as F
 
-from ..utils import derive_seed
+from ..seeding import derive_seed
 
 # The paper's DDPM features per diffusion step, (channels, resolution) of the decoder blocks it reads
 # (5, 6, 7, 8, 12 of the 256x256 guided-diffusion UNet), at 3 steps: 8448 features per pixel.

@@ -45,7 +45,8 @@ from ..benchmarks.extraction import E2E, e2e_layout
 from ..benchmarks.harness import GB
 from ..benchmarks.summary import check_targets, format_table, formulas
 from ..benchmarks.synthetic import SYNTHETIC_PHASES, layout_summary
-from ..utils import atomic_write_json, cpu_model
+from ..device import cpu_model
+from ..files import atomic_write_json
 
 # Every phase's measurement, in the order they run.
 MEASURES = {"store": store.measure, "train": training.measure, "predict": prediction.measure, "e2e": e2e.measure,

@@ -19,7 +19,7 @@ from PIL import Image
 from ..class_info import class_table
 from ..config import load_experiment
 from ..data import check_unique_stems, list_images, read_image, read_label
-from ..utils import atomic_path, atomic_save_npy
+from ..files import atomic_path, atomic_save_npy
 
 
 def original_reading(path: str):

@@ -16,7 +16,7 @@ curve.png.
 import argparse
 
 from ..demo import FEATURE_SIZES, DemoOptions, run_demo
-from ..utils import seed_arg
+from ..seeding import seed_arg
 
 
 def main(argv=None):

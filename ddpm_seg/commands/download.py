@@ -28,7 +28,9 @@ import urllib.request
 
 from guided_diffusion.checkpoint import model_flags_path
 
-from ..utils import atomic_path, atomic_write_json, progress_bar
+from ..files import atomic_path, atomic_write_json
+
+from ..progress import progress_bar
 
 TABLE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "downloads.json")
 BASE_URL_ENV = "DDPM_SEG_DOWNLOAD_BASE_URL"

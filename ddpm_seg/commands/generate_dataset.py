@@ -30,7 +30,7 @@ from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffus
 from ..backbones import add_extraction_args
 from ..config import load_experiment, resolve_model_flags
 from ..synthetic_data import GenerateOptions, generate_dataset, sampling_options
-from ..utils import seed_arg
+from ..seeding import seed_arg
 from .flags import options_from_flags
 
 

@@ -11,7 +11,7 @@ import csv
 import os
 import statistics
 
-from ..utils import atomic_path, check_writable, read_json_object
+from ..files import atomic_path, check_writable, read_json_object
 
 # The paper's column order and headers; datasets it does not have (e.g. demo) follow, sorted.
 PAPER_DATASETS = {

@@ -24,7 +24,7 @@ from ..backbones import add_extraction_args, backbone
 from ..config import load_experiment, resolve_model_flags
 from ..recipe import RECIPES
 from ..sweep import SweepOptions, best_cell, format_table, run_sweep, save_heatmap, write_csv
-from ..utils import seed_arg
+from ..seeding import seed_arg
 from .flags import add_precision_args, options_from_flags
 
 

@@ -28,7 +28,7 @@ import sys
 from ..config import load_experiment
 from ..deeplab import DEEPLABS
 from ..deeplab_training import DeepLabOptions, train_deeplab
-from ..utils import seed_arg
+from ..seeding import seed_arg
 from .flags import options_from_flags
 
 

@@ -15,7 +15,8 @@ from ..backbones import add_extraction_args
 from ..config import load_experiment, resolve_model_flags, run_dir
 from ..recipe import PROJECTION_WIDTH, RECIPES
 from ..training import TrainOptions, interrupted_note, run
-from ..utils import on_interrupt, seed_arg
+from ..progress import on_interrupt
+from ..seeding import seed_arg
 from .flags import add_precision_args, options_from_flags
 
 
