@@ -78,16 +78,16 @@ def default_palette(n: int) -> np.ndarray:
     return palette.astype(np.uint8)
 
 
-def class_table(cfg: dict) -> tuple:
+def class_table(cfg) -> tuple:
     """(class names, palette [K, 3] uint8) of an experiment: the config's own class_names / palette, else its
     benchmark's packaged table (category; only for the benchmark's own number of classes), else generated ones."""
-    n = cfg["number_class"]
-    category = cfg.get("category")
+    n = cfg.number_class
+    category = cfg.category
     info = dataset_info(category) if category in dataset_names() else None
     if info is not None and info["number_class"] != n:
         info = None  # allowed only with the config's own class_names (see config.py)
-    names = cfg.get("class_names") or (info["class_names"] if info else default_class_names(n))
-    palette = cfg.get("palette")
+    names = cfg.class_names or (info["class_names"] if info else default_class_names(n))
+    palette = cfg.palette
     if palette:
         return names, np.array(palette, dtype=np.uint8).reshape(-1, 3)
     return names, (info["palette"] if info else default_palette(n))

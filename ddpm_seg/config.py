@@ -1,8 +1,11 @@
 """Experiment configs: the original ddpm-segmentation JSON files, loaded unchanged and validated."""
 
+import copy
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
+from typing import Optional
 
 from guided_diffusion.checkpoint import read_model_flags
 from guided_diffusion.script_util import args_to_dict, model_and_diffusion_defaults
@@ -92,7 +95,50 @@ def _check_backbone_keys(path, cfg, keys):
     raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys are {sorted(keys)}")
 
 
-def validate_experiment(cfg: dict, path: str = "<config>") -> dict:
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment, validated: a field per experiment key (the optional ones at their defaults when the JSON
+    leaves them out) and the backbone's own keys in backbone_options."""
+    exp_dir: str
+    model_type: str
+    number_class: int
+    ignore_label: int
+    training_path: str
+    testing_path: str
+    model_path: str
+    dim: list
+    steps: list
+    blocks: list
+    model_num: int
+    batch_size: int
+    training_number: int
+    testing_number: int
+    upsample_mode: str
+    share_noise: bool
+    input_activations: bool
+    category: Optional[str] = None
+    validation_path: Optional[str] = None
+    max_training: Optional[int] = None
+    deeplab_res: Optional[int] = None
+    class_names: Optional[list] = None
+    palette: Optional[list] = None
+    noise_draws: int = 1
+    test_views: int = 1
+    backbone_options: dict = field(default_factory=dict)  # the backbone's own keys the JSON gives
+    given: dict = field(default_factory=dict, repr=False)  # the keys the JSON gives, steps and blocks sorted
+
+    def to_dict(self) -> dict:
+        """The experiment as its JSON gave it (steps and blocks sorted): what run folders record."""
+        return copy.deepcopy(self.given)
+
+    def replace(self, **changes) -> "Experiment":
+        """A validated copy with `changes` to its keys."""
+        return validate_experiment({**self.to_dict(), **changes})
+
+
+def validate_experiment(cfg: dict, path: str = "<config>") -> Experiment:
+    """The experiment of the JSON object `cfg` (read from `path`, named in every error); `cfg` is left unchanged."""
+    cfg = copy.deepcopy(cfg)
     if not isinstance(cfg.get("model_type"), str):
         raise ValueError(f"{path}: 'model_type' must be given as a string, got {cfg.get('model_type')!r}")
     try:
@@ -142,10 +188,12 @@ def validate_experiment(cfg: dict, path: str = "<config>") -> dict:
     _check_class_names(cfg, path)
     if cfg["upsample_mode"] != "bilinear":
         raise ValueError(f"{path}: upsample_mode {cfg['upsample_mode']!r} is not supported; use 'bilinear'")
-    return cfg
+    own = {k: copy.deepcopy(v) for k, v in cfg.items() if k in traits.config_keys}
+    common = {k: copy.deepcopy(v) for k, v in cfg.items() if k in EXPERIMENT_KEYS}
+    return Experiment(**common, backbone_options=own, given=cfg)
 
 
-def load_experiment(path: str) -> dict:
+def load_experiment(path: str) -> Experiment:
     if os.path.isdir(path):
         raise ValueError(f"experiment config {path!r} is a folder; expected a JSON file such as {os.path.join(path, 'ddpm.json')}")
     if not os.path.isfile(path):
@@ -153,39 +201,39 @@ def load_experiment(path: str) -> dict:
     return validate_experiment(read_json_object(path, "experiment settings"), path)
 
 
-def experiment_suffix(cfg: dict) -> str:
+def experiment_suffix(cfg: Experiment) -> str:
     """The original's folder suffix, e.g. 50_150_250_5_6_7_8_12 (empty for backbones without steps), and
     _draws<K> when features average K noise draws, so other features never share a folder."""
-    if not cfg["steps"]:
+    if not cfg.steps:
         return ""
-    suffix = "_".join(str(v) for v in cfg["steps"] + cfg["blocks"])
+    suffix = "_".join(str(v) for v in cfg.steps + cfg.blocks)
     if len(suffix) > MAX_SUFFIX:  # long module names: a folder name must stay well under 255 bytes
-        digest = hashlib.sha1(json.dumps(cfg["blocks"]).encode()).hexdigest()[:12]
-        suffix = "_".join(str(v) for v in cfg["steps"]) + f"_blocks-{digest}"
-    draws = cfg.get("noise_draws", 1)
-    return suffix + (f"_draws{draws}" if draws > 1 else "")
+        digest = hashlib.sha1(json.dumps(cfg.blocks).encode()).hexdigest()[:12]
+        suffix = "_".join(str(v) for v in cfg.steps) + f"_blocks-{digest}"
+    return suffix + (f"_draws{cfg.noise_draws}" if cfg.noise_draws > 1 else "")
 
 
-def run_dir(cfg: dict, seed: int, random_init: bool = False) -> str:
+def run_dir(cfg: Experiment, seed: int, random_init: bool = False) -> str:
     """Where one seed's ensemble lives: <exp_dir>/<suffix>/seed_<seed>, so seeds never overwrite each other;
     baselines on a randomly initialised backbone get a random_init/ level of their own."""
-    return os.path.join(cfg["exp_dir"], experiment_suffix(cfg), "random_init" if random_init else "", f"seed_{seed}")
+    return os.path.join(cfg.exp_dir, experiment_suffix(cfg), "random_init" if random_init else "", f"seed_{seed}")
 
 
-def check_paths(cfg: dict, keys, path: str = "<config>") -> None:
+def check_paths(cfg: Experiment, keys, path: str = "<config>") -> None:
     hints = {
         "model_path": "download it with checkpoints/<backbone>/download_checkpoint.sh or train one with ddpm-seg train-ddpm",
         "training_path": "download the datasets with datasets/download_datasets.sh",
         "testing_path": "download the datasets with datasets/download_datasets.sh",
     }
-    if cfg.get("category") == "demo":  # the demo's data is generated, not downloaded
+    if cfg.category == "demo":  # the demo's data is generated, not downloaded
         hints = dict.fromkeys(hints, "run `ddpm-seg demo` first: it generates the demo dataset (and uses the DDPM "
                                      "shipped in experiments/demo/)")
     for key in keys:
-        if key == "model_path" and backbone(cfg["model_type"]).hub_model:
+        if key == "model_path" and backbone(cfg.model_type).hub_model:
             continue  # a folder or a hub id: the backbone resolves it and says what is missing
-        if not os.path.exists(cfg[key]):
-            raise FileNotFoundError(f"{path}: {key} {cfg[key]!r} does not exist; {hints.get(key, 'check the path')}")
+        value = getattr(cfg, key)
+        if not os.path.exists(value):
+            raise FileNotFoundError(f"{path}: {key} {value!r} does not exist; {hints.get(key, 'check the path')}")
 
 
 def explicit_flags(argv):
@@ -197,7 +245,7 @@ def explicit_flags(argv):
 def resolve_model_flags(cfg, args, argv):
     """Flags saved beside a checkpoint of ours win over defaults; flags typed on the command line win over both."""
     cli = args_to_dict(args, model_and_diffusion_defaults().keys())
-    saved = read_model_flags(cfg["model_path"]) if backbone(cfg["model_type"]).model_flags else None
+    saved = read_model_flags(cfg.model_path) if backbone(cfg.model_type).model_flags else None
     if saved is None:
         return cli
     return {**cli, **saved, **{k: cli[k] for k in explicit_flags(argv)}}

@@ -279,12 +279,12 @@ def load_labelled_folder(folder: str, number: int, size, number_class: int, igno
     return items
 
 
-def load_split(cfg: dict, split: str) -> list:
+def load_split(cfg, split: str) -> list:
     """The first N labelled images of the "train" or "test" folder, resized to dim[:2]; training labels get
     the paper's small-class rule."""
     key = {"train": "training", "test": "testing"}[split]
-    return load_labelled_folder(cfg[f"{key}_path"], cfg[f"{key}_number"], tuple(cfg["dim"][:2]),
-                                cfg["number_class"], cfg["ignore_label"], drop_small=split == "train",
+    return load_labelled_folder(getattr(cfg, f"{key}_path"), getattr(cfg, f"{key}_number"), tuple(cfg.dim[:2]),
+                                cfg.number_class, cfg.ignore_label, drop_small=split == "train",
                                 palette=class_table(cfg)[1])
 
 

@@ -46,8 +46,8 @@ class DeepLabSegmenter:
     def __init__(self, cfg, model):
         self.cfg, self.model = cfg, model.eval()
         self.class_names, self.palette = class_table(cfg)
-        self.number_class, self.ignore_label = cfg["number_class"], cfg["ignore_label"]
-        self.resolution = (cfg["deeplab_res"], cfg["deeplab_res"])
+        self.number_class, self.ignore_label = cfg.number_class, cfg.ignore_label
+        self.resolution = (cfg.deeplab_res, cfg.deeplab_res)
 
     @property
     def uncertainty_max(self) -> float:
@@ -63,7 +63,7 @@ class DeepLabSegmenter:
             raise FileNotFoundError(f"{exp!r} does not exist: pass the experiment config the DeepLab was trained "
                                     "for with --exp")
         cfg = load_experiment(exp)
-        if "deeplab_res" not in cfg:
+        if cfg.deeplab_res is None:
             raise ValueError(f"{exp}: needs 'deeplab_res' (the DeepLab input size)")
         ckpt = safe_load(checkpoint, "DeepLab checkpoint")
         state = ckpt.get("model_state_dict") if isinstance(ckpt, dict) else None
@@ -71,9 +71,9 @@ class DeepLabSegmenter:
             raise ValueError(f"{checkpoint}: not a train-deeplab checkpoint (expected {{'model_state_dict': ...}} "
                              "of a torchvision DeepLabV3)")
         num_classes = state["classifier.4.weight"].shape[0]
-        if num_classes != cfg["number_class"]:
+        if num_classes != cfg.number_class:
             raise ValueError(f"{checkpoint}: the DeepLab predicts {num_classes} classes but {exp} has "
-                             f"number_class {cfg['number_class']}")
+                             f"number_class {cfg.number_class}")
         # ResNet-101 has 23 blocks in layer3, ResNet-50 six.
         backbone = "resnet101" if "backbone.layer3.22.conv1.weight" in state else "resnet50"
         model = build_deeplab(backbone, num_classes)

@@ -150,12 +150,12 @@ def evaluate_deeplab(model, items, number_class, ignore_label, batch_size=8) -> 
 
 
 def deeplab_dir(cfg, opts: DeepLabOptions) -> str:
-    name = f"deeplab_class_{cfg['number_class']}_checkpoint_{opts.max_data}_filter_out_{opts.uncertainty_portion:f}"
+    name = f"deeplab_class_{cfg.number_class}_checkpoint_{opts.max_data}_filter_out_{opts.uncertainty_portion:f}"
     if opts.drop_most_certain:
         name += f"_drop_certain_{opts.drop_most_certain}"
     if opts.backbone != "resnet101":
         name += f"_{opts.backbone}"
-    return os.path.join(cfg["exp_dir"], experiment_suffix(cfg), name, f"seed_{opts.seed}")
+    return os.path.join(cfg.exp_dir, experiment_suffix(cfg), name, f"seed_{opts.seed}")
 
 
 def epoch_seed(seed, epoch, rank):
@@ -163,9 +163,9 @@ def epoch_seed(seed, epoch, rank):
 
 
 def check_options(cfg, exp_path, opts):
-    if "deeplab_res" not in cfg:
+    if cfg.deeplab_res is None:
         raise ValueError(f"{exp_path}: train-deeplab needs 'deeplab_res' (the DeepLab input size, 256 in the paper)")
-    if "validation_path" not in cfg:
+    if cfg.validation_path is None:
         raise ValueError(f"{exp_path}: train-deeplab needs 'validation_path' (real labelled images to pick the epoch)")
     # torchvision's ASPP pools each image to 1x1 before a batch norm, which needs more than one value to train.
     if opts.batch_size < 2:
@@ -184,9 +184,9 @@ def train_deeplab(cfg, exp_path, opts: DeepLabOptions) -> dict:
 
 
 def _run(cfg, opts, rank, world_size, device):
-    data_path = opts.data_path or synthetic_dataset_path(run_dir(cfg, opts.seed), cfg["dim"][:2])
+    data_path = opts.data_path or synthetic_dataset_path(run_dir(cfg, opts.seed), cfg.dim[:2])
     folder = opts.out_dir or deeplab_dir(cfg, opts)
-    res, num_classes, ignore = cfg["deeplab_res"], cfg["number_class"], cfg["ignore_label"]
+    res, num_classes, ignore = cfg.deeplab_res, cfg.number_class, cfg.ignore_label
     images, labels, scores = load_synthetic(data_path)
     if opts.max_data:
         images, labels, scores = images[:opts.max_data], labels[:opts.max_data], scores[:opts.max_data]
@@ -194,9 +194,9 @@ def _run(cfg, opts, rank, world_size, device):
     check_labels(labels, keep, num_classes, ignore, data_path)
     size = (res, res)
     palette = class_table(cfg)[1]  # for colour masks
-    val_items = load_labelled_folder(cfg["validation_path"], len(list_images(cfg["validation_path"])), size,
+    val_items = load_labelled_folder(cfg.validation_path, len(list_images(cfg.validation_path)), size,
                                      num_classes, ignore, palette=palette)
-    test_items = load_labelled_folder(cfg["testing_path"], cfg["testing_number"], size, num_classes, ignore,
+    test_items = load_labelled_folder(cfg.testing_path, cfg.testing_number, size, num_classes, ignore,
                                       palette=palette)
 
     # The synthetic dataset and the validation images by content: a run is never resumed on other data.
@@ -209,7 +209,7 @@ def _run(cfg, opts, rank, world_size, device):
     check_writable(folder)
     check_settings(os.path.join(folder, SETTINGS_NAME), settings, write=rank == 0)
     if rank == 0:  # class names, palette and input size for `ddpm-seg predict --deeplab`
-        atomic_write_json(os.path.join(folder, EXPERIMENT_NAME), cfg)
+        atomic_write_json(os.path.join(folder, EXPERIMENT_NAME), cfg.to_dict())
 
     seed_everything(opts.seed)  # the same initial weights on every rank
     model = build_deeplab(opts.backbone, num_classes, opts.backbone_weights).to(device)
@@ -276,7 +276,7 @@ def _run(cfg, opts, rank, world_size, device):
         "val_history": state["val_history"],
         "seed": opts.seed,
         "model_type": f"deeplabv3_{opts.backbone}",
-        "category": cfg.get("category"),
+        "category": cfg.category,
         "random_init": False,
         "data_path": data_path,
         "num_synthetic_samples": int(len(scores)),

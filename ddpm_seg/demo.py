@@ -67,7 +67,7 @@ def ddpm_dir(root):
 
 def retrain_ddpm(cfg, flags, training, data_dir, seed, device):
     """Train the demo DDPM unless its final checkpoint exists; an interrupted training resumes."""
-    model_path = cfg["model_path"]
+    model_path = cfg.model_path
     if os.path.isfile(model_path):
         print(f"using the demo DDPM trained here before, {model_path}")
         return
@@ -84,18 +84,18 @@ def retrain_ddpm(cfg, flags, training, data_dir, seed, device):
 
 def baseline_configs(cfg, backbones):
     """The same experiment on other features: raw pixels, and each extra backbone at random initialisation."""
-    root = os.path.dirname(cfg["exp_dir"])
-    configs = {"pixels": dict(cfg, model_type="pixels", dim=cfg["dim"][:2] + [3], steps=[], blocks=[],
-                              exp_dir=os.path.join(root, "pixels"))}
+    root = os.path.dirname(cfg.exp_dir)
+    configs = {"pixels": cfg.replace(model_type="pixels", dim=cfg.dim[:2] + [3], steps=[], blocks=[],
+                                     exp_dir=os.path.join(root, "pixels"))}
     for name in backbones:
-        configs[name] = dict(cfg, model_type=name, dim=cfg["dim"][:2] + [FEATURE_SIZES[name]], steps=[], blocks=[],
-                             input_activations=name != "mae", exp_dir=os.path.join(root, name))
+        configs[name] = cfg.replace(model_type=name, dim=cfg.dim[:2] + [FEATURE_SIZES[name]], steps=[], blocks=[],
+                                    input_activations=name != "mae", exp_dir=os.path.join(root, name))
     return configs
 
 
 def image_miou(pred, label, cfg):
     """mIoU of one image over the classes present in its ground truth or prediction."""
-    matrix = ConfusionMatrix(cfg["number_class"], cfg["ignore_label"])
+    matrix = ConfusionMatrix(cfg.number_class, cfg.ignore_label)
     matrix.update(pred, label)
     return float(np.nanmean(matrix.iou()))
 
@@ -105,16 +105,16 @@ def save_median_picture(path, cfg, results):
     prediction | raw pixels' prediction. Returns the image's stem and mIoU."""
     pred_dirs = {title: os.path.join(results[title]["run_dir"], "predictions")
                  for title in ("DDPM (trained here)", "raw RGB pixels")}
-    stems = sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(cfg["testing_path"], "*.npy")))
+    stems = sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(cfg.testing_path, "*.npy")))
     stems = [s for s in stems if os.path.isfile(os.path.join(pred_dirs["DDPM (trained here)"], s + ".npy"))]
-    labels = {s: np.load(os.path.join(cfg["testing_path"], s + ".npy")) for s in stems}
+    labels = {s: np.load(os.path.join(cfg.testing_path, s + ".npy")) for s in stems}
     scores = {s: image_miou(np.load(os.path.join(pred_dirs["DDPM (trained here)"], s + ".npy")), labels[s], cfg)
               for s in stems}
     # The lower median for an even count; ties broken by name, so the choice is reproducible.
     stem = sorted(stems, key=lambda s: (scores[s], s))[(len(stems) - 1) // 2]
-    image = read_image(os.path.join(cfg["testing_path"], stem + ".png"))
-    panels = [image, colorize(labels[stem], cfg["palette"], cfg["ignore_label"])]
-    panels += [colorize(np.load(os.path.join(d, stem + ".npy")), cfg["palette"], cfg["ignore_label"])
+    image = read_image(os.path.join(cfg.testing_path, stem + ".png"))
+    panels = [image, colorize(labels[stem], cfg.palette, cfg.ignore_label)]
+    panels += [colorize(np.load(os.path.join(d, stem + ".npy")), cfg.palette, cfg.ignore_label)
                for d in pred_dirs.values()]
     save_panels(path, panels, ["image", "ground truth", "DDPM features", "raw RGB pixels"], scale=PICTURE_SCALE)
     return stem, scores[stem]
@@ -191,8 +191,8 @@ def run_curve(cfg, flags, interpreter_opts, root):
     rows = []
     for step, path in checkpoints.items():
         print(f"\n=== DDPM after {step} steps ===")
-        step_cfg = dict(cfg, model_path=path, exp_dir=os.path.join(os.path.dirname(cfg["exp_dir"]), "curve",
-                                                                      f"step_{step:06d}"))
+        step_cfg = cfg.replace(model_path=path, exp_dir=os.path.join(os.path.dirname(cfg.exp_dir), "curve",
+                                                                    f"step_{step:06d}"))
         metrics = run_interpreter(step_cfg, DEMO_EXPERIMENT, flags, interpreter_opts)
         rows.append({"step": step, "miou": metrics["miou"], "iou": metrics["iou"]})
     return rows
@@ -205,20 +205,19 @@ def demo_config(opts: DemoOptions):
     with open(os.path.join(os.path.dirname(DEMO_EXPERIMENT), "model_flags.json")) as f:
         flags = {**model_and_diffusion_defaults(), **json.load(f)}
     # The config's relative paths are taken under opts.root, so the demo can run anywhere.
-    for key in ("exp_dir", "training_path", "testing_path"):
-        cfg[key] = os.path.join(opts.root, cfg[key])
-    cfg["model_path"] = os.path.join(ddpm_dir(opts.root), "demo_ddpm.pt") if opts.retrain else SHIPPED_DDPM
+    changes = {key: os.path.join(opts.root, getattr(cfg, key)) for key in ("exp_dir", "training_path", "testing_path")}
+    changes["model_path"] = os.path.join(ddpm_dir(opts.root), "demo_ddpm.pt") if opts.retrain else SHIPPED_DDPM
     if opts.retrain:  # its own interpreter folders: a run never resumes ensembles trained on the other DDPM
-        cfg["exp_dir"] += "_retrained"
+        changes["exp_dir"] += "_retrained"
     if opts.small:
-        cfg.update(model_num=3, training_number=SMALL_DATASET["num_train"], testing_number=SMALL_DATASET["num_test"])
-    return cfg, flags
+        changes.update(model_num=3, training_number=SMALL_DATASET["num_train"], testing_number=SMALL_DATASET["num_test"])
+    return cfg.replace(**changes), flags
 
 
 def write_curve(cfg, flags, interpreter_opts, root, start):
     """run_curve's rows as curve.json and curve.png (with the last demo summary's baselines) and a table."""
     rows = run_curve(cfg, flags, interpreter_opts, root)
-    pc_root = os.path.dirname(cfg["exp_dir"])
+    pc_root = os.path.dirname(cfg.exp_dir)
     summary_path = os.path.join(pc_root, "demo_summary.json")
     baselines = {}
     if os.path.isfile(summary_path):
@@ -258,8 +257,8 @@ def run_demo(opts: DemoOptions) -> None:
     dataset = SMALL_DATASET if opts.small else DATASET
     if not opts.retrain:  # only training a DDPM reads the unlabelled pool
         dataset = dict(dataset, num_pool=0)
-    paths = generate_demo_dataset(os.path.dirname(os.path.dirname(cfg["training_path"])),
-                                  image_size=cfg["dim"][0], seed=opts.seed, **dataset)
+    paths = generate_demo_dataset(os.path.dirname(os.path.dirname(cfg.training_path)),
+                                  image_size=cfg.dim[0], seed=opts.seed, **dataset)
 
     # train-interpreter's own defaults but these, so the demo runs it as the command line would.
     interpreter_opts = TrainOptions(seed=opts.seed, device=opts.device, **INTERPRETER_OPTIONS)
@@ -276,16 +275,16 @@ def run_demo(opts: DemoOptions) -> None:
     ddpm_done = time.time()
 
     results = run_rows(cfg, flags, interpreter_opts, opts.backbones)
-    pc_root = os.path.dirname(cfg["exp_dir"])
+    pc_root = os.path.dirname(cfg.exp_dir)
     picture = os.path.join(pc_root, "demo_prediction.png")
     stem, stem_miou = save_median_picture(picture, cfg, results)
 
-    summary = {"results": results, "ddpm": cfg["model_path"], "ddpm_s": ddpm_done - start,
+    summary = {"results": results, "ddpm": cfg.model_path, "ddpm_s": ddpm_done - start,
                "total_s": time.time() - start, "median_image": {"stem": stem, "miou": stem_miou, "picture": picture}}
     atomic_write_json(os.path.join(pc_root, "demo_summary.json"), summary)
     print("\n features               mIoU %")
     for title, r in results.items():
         print(f" {title:<22} {100 * r['miou']:6.2f}")
-    print(f"\nDDPM: {cfg['model_path']}; data + DDPM: {summary['ddpm_s']:.0f} s, total: {summary['total_s']:.0f} s")
+    print(f"\nDDPM: {cfg.model_path}; data + DDPM: {summary['ddpm_s']:.0f} s, total: {summary['total_s']:.0f} s")
     print(f"test image of median mIoU ({stem}, {100 * stem_miou:.1f}) beside the raw-pixel baseline: {picture}; "
           f"every test picture in {os.path.join(results['DDPM (trained here)']['run_dir'], 'predictions')}")

@@ -51,9 +51,9 @@ def member_path(folder, m):
 
 
 def load_ensemble(cfg, folder, seed, device):
-    """The cfg["model_num"] members model_{i}.pth of `folder`, in eval mode."""
-    ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=seed).to(device)
-    for m in range(cfg["model_num"]):
+    """The cfg.model_num members model_{i}.pth of `folder`, in eval mode."""
+    ensemble = MLPEnsemble(cfg.dim[-1], cfg.number_class, cfg.model_num, seed=seed).to(device)
+    for m in range(cfg.model_num):
         path = member_path(folder, m)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"pixel classifier {path!r} does not exist; train the ensemble first "
@@ -68,10 +68,10 @@ def check_checkpoint(settings, cfg, source):
     recorded = settings.get("model_sha256")
     if settings.get("random_init") or recorded is None:
         return
-    found = path_sha256(cfg.get("model_path"))
+    found = path_sha256(cfg.model_path)
     if found is not None and found != recorded:
         raise ValueError(f"{source}: the members were trained on the features of a checkpoint with sha256 "
-                         f"{short(recorded)}, but {cfg['model_path']} has {short(found)}; pass the checkpoint "
+                         f"{short(recorded)}, but {cfg.model_path} has {short(found)}; pass the checkpoint "
                          "they were trained with")
 
 
@@ -161,20 +161,20 @@ class Interpreter:
     """Segments images with a feature extractor and a trained ensemble; class names and palette come along."""
 
     def __init__(self, cfg, extractor, ensemble, extract_batch=None):
-        if cfg["number_class"] > 256:
-            raise ValueError(f"number_class {cfg['number_class']} > 256: labels are written as uint8 ids")
+        if cfg.number_class > 256:
+            raise ValueError(f"number_class {cfg.number_class} > 256: labels are written as uint8 ids")
         self.cfg, self.extractor, self.ensemble = cfg, extractor, ensemble
         self.class_names, self.palette = class_table(cfg)
-        self.number_class, self.ignore_label = cfg["number_class"], cfg["ignore_label"]
-        self.resolution = tuple(cfg["dim"][:2])
+        self.number_class, self.ignore_label = cfg.number_class, cfg.ignore_label
+        self.resolution = tuple(cfg.dim[:2])
         self.extract_batch = extract_batch  # images per backbone forward; None: batch_size() chooses
-        self.views = cfg.get("test_views", 1)
+        self.views = cfg.test_views
 
     @classmethod
     def build(cls, cfg, model_flags, run_folder, seed, random_init=False, device="auto", extract_dtype="auto",
               extract_batch=None, extractor=None, config_path=None):
         """The one way an Interpreter is made: the backbone `cfg` names (or `extractor`, already built from it
-        with this seed) and the cfg["model_num"] members model_{i}.pth saved in `run_folder`. train-interpreter's
+        with this seed) and the cfg.model_num members model_{i}.pth saved in `run_folder`. train-interpreter's
         evaluation, generate-dataset and load() (predict, the Python API) all come here."""
         device = resolve_device(device)
         if extractor is None:
@@ -219,11 +219,11 @@ class Interpreter:
                 raise ValueError(f"{path}: records no seed and the folder is not named seed_<N>")
             seed = int(match.group(1))
         if model_path is not None:
-            cfg = dict(cfg, model_path=model_path)
+            cfg = cfg.replace(model_path=model_path)
         # A diffusers model_path may be a hub id: that backbone resolves it and says what is missing.
-        if (not settings["random_init"] and not backbone(cfg["model_type"]).hub_model
-                and not os.path.exists(cfg["model_path"])):
-            raise FileNotFoundError(f"{path}: the backbone checkpoint {cfg['model_path']!r} it was trained with does "
+        if (not settings["random_init"] and not backbone(cfg.model_type).hub_model
+                and not os.path.exists(cfg.model_path)):
+            raise FileNotFoundError(f"{path}: the backbone checkpoint {cfg.model_path!r} it was trained with does "
                                     "not exist here; pass its path (--model_path, or Interpreter.load(..., model_path=))")
         check_checkpoint(settings, cfg, path)
         return cls.build(cfg, settings["model_flags"], run_dir, seed, settings["random_init"], device,

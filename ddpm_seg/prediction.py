@@ -158,10 +158,10 @@ def run_header(opts: PredictOptions, segmenter) -> dict:
     if opts.deeplab:
         model = {"deeplab_sha256": file_sha256(opts.deeplab)}
     else:
-        members = [member_path(opts.run_dir, m) for m in range(segmenter.cfg["model_num"])]
+        members = [member_path(opts.run_dir, m) for m in range(segmenter.cfg.model_num)]
         model = {"members_sha256": files_sha256(members),
-                 "model_sha256": path_sha256(segmenter.cfg.get("model_path"))}
-    return {"model": model, "config": segmenter.cfg, "format": opts.mask_format, "overlay": opts.overlay,
+                 "model_sha256": path_sha256(segmenter.cfg.model_path)}
+    return {"model": model, "config": segmenter.cfg.to_dict(), "format": opts.mask_format, "overlay": opts.overlay,
             "uncertainty": opts.uncertainty}
 
 

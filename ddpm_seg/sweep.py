@@ -9,7 +9,7 @@ extracted once per step and scored by every cell.
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -72,23 +72,24 @@ def run_sweep(cfg, exp_path, model_flags, opts: SweepOptions):
 
     Returns one dict per cell, step-major: step, block, channels, resolution (h, w), miou.
     """
-    if not backbone(cfg["model_type"]).noised:
+    if not backbone(cfg.model_type).noised:
         raise ValueError(f"{exp_path}: a sweep runs over diffusion steps and blocks (a diffusion backbone such as "
-                         f"model_type 'ddpm' or 'diffusers'); model_type is {cfg['model_type']!r}")
+                         f"model_type 'ddpm' or 'diffusers'); model_type is {cfg.model_type!r}")
     seed_everything(opts.seed)
     device = resolve_device(opts.device)
     autocast = resolve_autocast(opts.autocast, device)
     check_paths(cfg, ["training_path", "testing_path", "model_path"], exp_path)
     steps, blocks = opts.steps, opts.blocks
-    # Built with every step and block so that out-of-range ones fail here, before anything is written.
-    base = create_feature_extractor(dict(cfg, steps=steps, blocks=blocks), model_flags, device, seed=opts.seed,
+    # Built with every step and block so that out-of-range ones fail here, before anything is written; the
+    # lists keep the order given, which the cells' maps follow.
+    base = create_feature_extractor(replace(cfg, steps=steps, blocks=blocks), model_flags, device, seed=opts.seed,
                                     dtype=opts.extract_dtype)
     # A sweep scores its cells in view 0 (the training features' noise).
     extractors = {t: base.at_steps([t]) for t in steps}
     train_items, test_items = load_split(cfg, "train"), load_split(cfg, "test")
     sampler = training_sampler(cfg, train_items)
     limits = {} if opts.max_epochs is None else {"max_epochs": opts.max_epochs}
-    recipe = make_recipe(opts.recipe, config_batch=cfg["batch_size"])
+    recipe = make_recipe(opts.recipe, config_batch=cfg.batch_size)
     store_dtype = store_dtype_name(opts.store_dtype, autocast)
 
     # A disk feature cache left by an interrupted sweep is only reused for the same model, data and blocks
@@ -96,9 +97,9 @@ def run_sweep(cfg, exp_path, model_flags, opts: SweepOptions):
     check_writable(opts.out)
     os.makedirs(os.path.join(opts.out, "features"), exist_ok=True)
     check_settings(os.path.join(opts.out, "features", "settings.json"),
-                   {"config": cfg, "model_flags": model_flags, "steps": steps, "blocks": blocks,
+                   {"config": cfg.to_dict(), "model_flags": model_flags, "steps": steps, "blocks": blocks,
                     "seed": opts.seed, "store_dtype": store_dtype,
-                    "model_sha256": path_sha256(cfg.get("model_path")),
+                    "model_sha256": path_sha256(cfg.model_path),
                     "training_data_sha256": data_sha256(train_items),
                     "extract_dtype": dtype_name(extract_dtype(opts.extract_dtype, device,
                                                               bool(model_flags.get("use_fp16"))))}, write=True)
@@ -115,7 +116,7 @@ def run_sweep(cfg, exp_path, model_flags, opts: SweepOptions):
         for k, b in enumerate(blocks):
             channels, h, w = store.map_shapes[k]
             cell_store = single_map_store(store, k)
-            ensemble = MLPEnsemble(channels, cfg["number_class"], opts.members, seed=opts.seed).to(device)
+            ensemble = MLPEnsemble(channels, cfg.number_class, opts.members, seed=opts.seed).to(device)
             cell_recipe = recipe.for_maps([(channels, h, w)], store.image_size)
             train_members(ensemble, cell_store, sampler, cell_recipe, seed=opts.seed, device=device,
                           matmul_dtype=AUTOCAST[autocast], progress=False, **limits)
@@ -126,7 +127,7 @@ def run_sweep(cfg, exp_path, model_flags, opts: SweepOptions):
         shutil.rmtree(store_root, ignore_errors=True)
     bar.close()
 
-    matrices = {key: ConfusionMatrix(cfg["number_class"], cfg["ignore_label"]) for key in ensembles}
+    matrices = {key: ConfusionMatrix(cfg.number_class, cfg.ignore_label) for key in ensembles}
     bar = progress_bar(total=len(test_items), desc="evaluate cells")
     # Extractors that do not estimate their memory per image (None) get the default batch.
     sizes = [memory_per_image(e) for e in extractors.values()]

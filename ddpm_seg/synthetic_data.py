@@ -156,13 +156,13 @@ def split_finished_file(out_path: str, folder: str, chunks: list) -> None:
 
 
 def check_options(cfg, exp_path, opts: GenerateOptions):
-    if cfg["model_type"] != "ddpm":
-        raise ValueError(f"{exp_path}: generate-dataset samples from a DDPM; model_type is {cfg['model_type']!r}")
-    if cfg["dim"][0] != cfg["dim"][1]:
-        raise ValueError(f"{exp_path}: the DDPM makes square images; dim is {cfg['dim'][:2]}")
-    if cfg["number_class"] > 256 or not 0 <= cfg["ignore_label"] <= 255:
+    if cfg.model_type != "ddpm":
+        raise ValueError(f"{exp_path}: generate-dataset samples from a DDPM; model_type is {cfg.model_type!r}")
+    if cfg.dim[0] != cfg.dim[1]:
+        raise ValueError(f"{exp_path}: the DDPM makes square images; dim is {cfg.dim[:2]}")
+    if cfg.number_class > 256 or not 0 <= cfg.ignore_label <= 255:
         raise ValueError(f"{exp_path}: labels are stored as uint8, so number_class must be <= 256 and "
-                         f"ignore_label in 0..255 (got {cfg['number_class']}, {cfg['ignore_label']})")
+                         f"ignore_label in 0..255 (got {cfg.number_class}, {cfg.ignore_label})")
     for key in ("num_samples", "batch_size"):
         if getattr(opts, key) < 1:
             raise ValueError(f"--{key} must be >= 1, got {getattr(opts, key)}")
@@ -181,20 +181,20 @@ def generate_dataset(cfg, exp_path, model_flags, opts: GenerateOptions):
 def _run(cfg, exp_path, flags, opts, rank, world_size, device):
     ensemble_dir = opts.run_dir or run_dir(cfg, opts.seed)
     dtype = run_extract_dtype(ensemble_dir, opts.extract_dtype)  # label as the run's evaluation did
-    size = tuple(cfg["dim"][:2])
+    size = tuple(cfg.dim[:2])
     out_path = synthetic_dataset_path(opts.out_dir or ensemble_dir, size)
     folder = shard_dir(out_path)
     # num_samples is left out: sample i does not depend on it, so a finished run can be extended.
     # The checkpoint's and the members' contents too: samples made or labelled by others are never mixed in.
     settings = {**{k: v for k, v in sampling_options(opts).items() if k != "num_samples"}, "seed": opts.seed,
-                "exp": cfg, "model_flags": flags, "ensemble_dir": os.path.abspath(ensemble_dir),
-                "model_sha256": path_sha256(cfg.get("model_path")),
+                "exp": cfg.to_dict(), "model_flags": flags, "ensemble_dir": os.path.abspath(ensemble_dir),
+                "model_sha256": path_sha256(cfg.model_path),
                 "extract_dtype": dtype_name(extract_dtype(dtype, device, bool(flags.get("use_fp16"))))}
     # Features on the full process the ensemble was trained with; sampling on the (maybe respaced) one.
     # Both are built before anything is written, so a wrong --seed or --run_dir leaves no folder behind.
     interpreter = Interpreter.build(cfg, flags, ensemble_dir, opts.seed, device=device, extract_dtype=dtype,
                                     extract_batch=opts.extract_batch, config_path=exp_path)
-    settings["ensemble_sha256"] = files_sha256([member_path(ensemble_dir, m) for m in range(cfg["model_num"])])
+    settings["ensemble_sha256"] = files_sha256([member_path(ensemble_dir, m) for m in range(cfg.model_num)])
     diffusion = sampling_diffusion(flags)
     chunks = chunk_ranges(opts.num_samples, opts.batch_size)
     if rank == 0:

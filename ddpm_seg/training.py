@@ -74,10 +74,10 @@ def store_dtype_name(store_dtype, autocast):
 
 def check_feature_size(cfg, maps, exp_path):
     total = sum(m.shape[0] for m in maps)
-    if total != cfg["dim"][-1]:
-        source = (f"steps {cfg['steps']} x blocks {cfg['blocks']} of this model" if cfg["steps"]
-                  else f"the {cfg['model_type']} backbone")
-        raise ValueError(f"{exp_path}: dim[-1] is {cfg['dim'][-1]} but {source} give(s) {total} features per pixel; "
+    if total != cfg.dim[-1]:
+        source = (f"steps {cfg.steps} x blocks {cfg.blocks} of this model" if cfg.steps
+                  else f"the {cfg.model_type} backbone")
+        raise ValueError(f"{exp_path}: dim[-1] is {cfg.dim[-1]} but {source} give(s) {total} features per pixel; "
                          f"set dim[-1] to {total}")
 
 
@@ -104,14 +104,14 @@ def extract_training_store(extractor, items, first_maps, store_root, store="auto
 
 
 def training_sampler(cfg, items):
-    return PixelSampler(torch.from_numpy(np.stack([it.label for it in items])), ignore_label=cfg["ignore_label"])
+    return PixelSampler(torch.from_numpy(np.stack([it.label for it in items])), ignore_label=cfg.ignore_label)
 
 
 def interrupted_note(cfg, folder):
     """What a stopped run leaves for the next one: saved members, and the cached features of a disk store."""
-    saved = [m for m in range(cfg["model_num"]) if os.path.exists(member_path(folder, m))]
+    saved = [m for m in range(cfg.model_num) if os.path.exists(member_path(folder, m))]
     cached = " and the features extracted so far (disk store)" if os.path.isdir(os.path.join(folder, "features")) else ""
-    return (f"{len(saved)} of {cfg['model_num']} members saved in {folder}{cached}; "
+    return (f"{len(saved)} of {cfg.model_num} members saved in {folder}{cached}; "
             "run the same command again to resume")
 
 
@@ -167,7 +167,7 @@ def run(cfg, exp_path, model_flags, opts: TrainOptions):
     folder = opts.run_dir or run_dir(cfg, opts.seed, opts.random_init)
     check_paths(cfg, ["training_path", "testing_path"] + ([] if opts.random_init else ["model_path"]), exp_path)
     # Checked before anything is extracted; its pixel share needs the map shapes (below).
-    recipe = make_recipe(opts.recipe, opts.batch_size, opts.lr, opts.epochs, opts.projection_width, cfg["batch_size"])
+    recipe = make_recipe(opts.recipe, opts.batch_size, opts.lr, opts.epochs, opts.projection_width, cfg.batch_size)
 
     # Everything that can fail on bad input (config, labels, feature size, an unwritable folder) happens
     # before the first write, so a corrected rerun is not refused for "other settings".
@@ -176,11 +176,11 @@ def run(cfg, exp_path, model_flags, opts: TrainOptions):
                                          config_path=exp_path, dtype=opts.extract_dtype)
     extract_dtype_name = dtype_name(extract_dtype(opts.extract_dtype, device, bool(model_flags.get("use_fp16"))))
     test_items = load_split(cfg, "test")
-    todo = [m for m in range(cfg["model_num"]) if not os.path.exists(member_path(folder, m))]
+    todo = [m for m in range(cfg.model_num) if not os.path.exists(member_path(folder, m))]
     if opts.eval_only and todo:
         raise FileNotFoundError(f"--eval_only: {folder} lacks {[os.path.basename(member_path(folder, m)) for m in todo]}")
-    settings = {"config": cfg, "model_flags": model_flags, "seed": opts.seed, "random_init": opts.random_init,
-                "model_sha256": None if opts.random_init else path_sha256(cfg.get("model_path")),
+    settings = {"config": cfg.to_dict(), "model_flags": model_flags, "seed": opts.seed, "random_init": opts.random_init,
+                "model_sha256": None if opts.random_init else path_sha256(cfg.model_path),
                 "extract_dtype": extract_dtype_name}
     if not todo:
         check_finished_folder(os.path.join(folder, SETTINGS_NAME), settings)
@@ -199,7 +199,7 @@ def run(cfg, exp_path, model_flags, opts: TrainOptions):
                        {**settings, "training_data_sha256": data_sha256(train_items),
                         "store_dtype": store_dtype, "autocast": autocast, **recipe.settings()},
                        write=True)
-        atomic_write_json(os.path.join(folder, os.path.basename(exp_path)), cfg)
+        atomic_write_json(os.path.join(folder, os.path.basename(exp_path)), cfg.to_dict())
         atomic_write_json(os.path.join(folder, "model_flags.json"), model_flags)
 
         store_root = os.path.join(folder, "features")
@@ -212,7 +212,7 @@ def run(cfg, exp_path, model_flags, opts: TrainOptions):
               f"per pixel, store {store.nbytes / 2**30:.2f} GiB ({'disk' if store.root else 'RAM'}); "
               f"training members {todo}, recipe {recipe.name}, batch {recipe.batch_size}, lr {recipe.lr:g}")
         start = time.time()
-        ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"], seed=opts.seed).to(device)
+        ensemble = MLPEnsemble(cfg.dim[-1], cfg.number_class, cfg.model_num, seed=opts.seed).to(device)
         stats, train_timings = train_members(ensemble, store, sampler, recipe, seed=opts.seed, members=todo,
                                              device=device, matmul_dtype=AUTOCAST[autocast],
                                              on_member_done=lambda m: ensemble.save_member(member_path(folder, m), m))
@@ -226,7 +226,7 @@ def run(cfg, exp_path, model_flags, opts: TrainOptions):
     start = time.time()
     metrics = evaluate(interpreter, test_items, folder, pictures=opts.pictures)
     timings["evaluate_s"] = time.time() - start
-    metrics.update(seed=opts.seed, model_type=cfg["model_type"], category=cfg.get("category"),
+    metrics.update(seed=opts.seed, model_type=cfg.model_type, category=cfg.category,
                    random_init=opts.random_init, timings=timings)
     atomic_write_json(os.path.join(folder, "metrics.json"), metrics)
     print(f"mIoU {100 * metrics['miou']:.2f}  ({folder})")

@@ -18,7 +18,7 @@ from ddpm_seg.backbones import create_feature_extractor, mae, swav
 from ddpm_seg.backbones.mae import MAEFeatureExtractor, create_mae_encoder, is_decoder_key
 from ddpm_seg.backbones.swav import SwAVFeatureExtractor, SwAVResNet50
 from ddpm_seg.cli import main as cli_main
-from ddpm_seg.config import load_experiment, run_dir
+from ddpm_seg.config import load_experiment, run_dir, validate_experiment
 from guided_diffusion.checkpoint import CheckpointError
 from scenes import write_splits
 
@@ -81,7 +81,8 @@ def config(model_type, model_path, size=SIZE, num_features=None, **overrides):
 
 
 def build(cfg, seed=0, random_init=False):
-    return create_feature_extractor(cfg, {}, torch.device("cpu"), seed=seed, random_init=random_init)
+    return create_feature_extractor(validate_experiment(cfg), {}, torch.device("cpu"), seed=seed,
+                                    random_init=random_init)
 
 
 def model_of(extractor):
@@ -317,12 +318,13 @@ def test_mae_image_size_must_be_a_multiple_of_the_patch(tiny, tmp_path):
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_paper_configs_follow_the_ddpm_config(dataset):
     ddpm = load_experiment(str(REPO / "experiments" / dataset / "ddpm.json"))
-    checkpoint = os.path.splitext(os.path.basename(ddpm["model_path"]))[0]
+    checkpoint = os.path.splitext(os.path.basename(ddpm.model_path))[0]
     for method, num_features in FEATURES.items():
         cfg = load_experiment(str(REPO / "experiments" / dataset / f"{method}.json"))
-        assert cfg == dict(ddpm, model_type=method, exp_dir=f"pixel_classifiers/{dataset}/{method}",
-                           model_path=f"checkpoints/{method}/{checkpoint}.pth", dim=[256, 256, num_features],
-                           steps=[], blocks=[], input_activations=method != "mae")
+        assert cfg.to_dict() == dict(ddpm.to_dict(), model_type=method, exp_dir=f"pixel_classifiers/{dataset}/{method}",
+                                     model_path=f"checkpoints/{method}/{checkpoint}.pth",
+                                     dim=[256, 256, num_features], steps=[], blocks=[],
+                                     input_activations=method != "mae")
 
 
 @pytest.fixture
@@ -341,7 +343,7 @@ def test_train_interpreter_end_to_end(released, data, tmp_path, model_type, rand
     cli_main(["train-interpreter", "--exp", str(exp), "--device", "cpu", "--no_pictures"]
              + (["--random_init"] if random_init else []))
     folder = tmp_path / "runs" / ("random_init" if random_init else "") / "seed_0"  # no steps: no suffix level
-    assert folder == Path(run_dir(cfg, 0, random_init))
+    assert folder == Path(run_dir(validate_experiment(cfg), 0, random_init))
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["model_type"] == model_type and metrics["random_init"] == random_init
     # These small random networks' features are coarse and noisy (raw pixels pooled 8x score 0.85 here), but
@@ -356,14 +358,14 @@ def test_a_backbone_registered_in_its_own_file_brings_its_keys_checks_and_traits
     """Registering a backbone is all it takes: its own config keys are accepted (and typed), its check runs,
     its traits decide what applies to it, and the registry builds it."""
     from ddpm_seg import backbones
-    from ddpm_seg.config import check_paths, validate_experiment
+    from ddpm_seg.config import check_paths
 
     def check(cfg, path):
         if cfg["radius"] > 3:
             raise ValueError(f"{path}: 'radius' must be at most 3, got {cfg['radius']}")
 
     def build(cfg, model_flags, device, seed, random_init, dtype):
-        return lambda image, view=0: [torch.zeros(cfg["radius"], *image.shape[:2])]
+        return lambda image, view=0: [torch.zeros(cfg.backbone_options["radius"], *image.shape[:2])]
 
     monkeypatch.setitem(backbones.BACKBONES, "toy", None)  # removed again after the test
     backbones.register("toy", config_keys={"radius": (int, True)}, check_config=check, hub_model=True)(build)

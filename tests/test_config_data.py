@@ -24,10 +24,10 @@ PAPER = {  # dataset: number_class, ignore_label, training_number, testing_numbe
 def test_paper_configs_hold_the_paper_values(dataset):
     cfg = load_experiment(os.path.join(ROOT, "experiments", dataset, "ddpm.json"))
     nc, ign, ntr, nte, ckpt = PAPER[dataset]
-    assert (cfg["number_class"], cfg["ignore_label"], cfg["training_number"], cfg["testing_number"]) == (nc, ign, ntr, nte)
-    assert cfg["model_path"] == f"checkpoints/ddpm/{ckpt}.pt"
-    assert cfg["steps"] == [50, 150, 250] and cfg["blocks"] == [5, 6, 7, 8, 12] and cfg["dim"] == [256, 256, 8448]
-    assert cfg["model_num"] == 10 and cfg["batch_size"] == 64 and cfg["share_noise"] and not cfg["input_activations"]
+    assert (cfg.number_class, cfg.ignore_label, cfg.training_number, cfg.testing_number) == (nc, ign, ntr, nte)
+    assert cfg.model_path == f"checkpoints/ddpm/{ckpt}.pt"
+    assert cfg.steps == [50, 150, 250] and cfg.blocks == [5, 6, 7, 8, 12] and cfg.dim == [256, 256, 8448]
+    assert cfg.model_num == 10 and cfg.batch_size == 64 and cfg.share_noise and not cfg.input_activations
     assert run_dir(cfg, 3) == f"pixel_classifiers/{dataset}/ddpm/50_150_250_5_6_7_8_12/seed_3"
     assert run_dir(cfg, 0, True) == f"pixel_classifiers/{dataset}/ddpm/50_150_250_5_6_7_8_12/random_init/seed_0"
 
@@ -45,11 +45,11 @@ def test_original_file_loads_unchanged(tmp_path):
     }
     path = tmp_path / "ddpm.json"
     path.write_text(json.dumps(original))
-    assert load_experiment(str(path)) == original
+    assert load_experiment(str(path)).to_dict() == original
 
 
 def _paper_cfg():
-    return load_experiment(os.path.join(ROOT, "experiments", "bedroom_28", "ddpm.json"))
+    return load_experiment(os.path.join(ROOT, "experiments", "bedroom_28", "ddpm.json")).to_dict()
 
 
 def test_unknown_key_lists_valid_keys():
@@ -170,10 +170,10 @@ def test_ignore_label_is_allowed_beyond_number_class(tmp_path):
 
 def test_class_names_for_own_datasets():
     cfg = dict(_paper_cfg(), number_class=2, class_names=["sky", "sea"])
-    assert validate_experiment(cfg)["class_names"] == ["sky", "sea"]
+    assert validate_experiment(cfg).class_names == ["sky", "sea"]
     with pytest.raises(ValueError, match="'class_names' must list 3 names"):
         validate_experiment(dict(cfg, number_class=3), "x.json")
-    assert validate_experiment(dict(cfg, palette=[0, 0, 0, 255, 255, 255]))["palette"][3] == 255
+    assert validate_experiment(dict(cfg, palette=[0, 0, 0, 255, 255, 255])).palette[3] == 255
     with pytest.raises(ValueError, match=r"'palette' must hold 3 x number_class = 6 values in 0..255"):
         validate_experiment(dict(cfg, palette=[0, 0, 0, 256, 0, 0]), "x.json")
 

@@ -29,12 +29,12 @@ def _summary(root):
 
 def test_demo_experiment_configs_are_consistent():
     cfg, val = load_experiment(DEMO_EXPERIMENT), load_experiment(DEMO_EXPERIMENT.replace("ddpm.json", "ddpm_val.json"))
-    assert cfg["class_names"] == DEMO_CLASS_NAMES and cfg["number_class"] == len(DEMO_CLASS_NAMES)
-    assert cfg["palette"] == DEMO_PALETTE
+    assert cfg.class_names == DEMO_CLASS_NAMES and cfg.number_class == len(DEMO_CLASS_NAMES)
+    assert cfg.palette == DEMO_PALETTE
     # The validation config differs only in where it scores (and writes): never the test images.
-    assert val["testing_path"].endswith("real/val") and cfg["testing_path"].endswith("real/test")
-    assert {k: v for k, v in val.items() if k not in ("testing_path", "exp_dir")} == \
-           {k: v for k, v in cfg.items() if k not in ("testing_path", "exp_dir")}
+    assert val.testing_path.endswith("real/val") and cfg.testing_path.endswith("real/test")
+    assert {k: v for k, v in val.to_dict().items() if k not in ("testing_path", "exp_dir")} == \
+           {k: v for k, v in cfg.to_dict().items() if k not in ("testing_path", "exp_dir")}
 
 
 def test_missing_demo_data_points_at_the_demo_command(tmp_path):
@@ -42,7 +42,7 @@ def test_missing_demo_data_points_at_the_demo_command(tmp_path):
 
     from ddpm_seg.config import check_paths
 
-    cfg = dict(load_experiment(DEMO_EXPERIMENT), training_path=str(tmp_path / "absent"))
+    cfg = load_experiment(DEMO_EXPERIMENT).replace(training_path=str(tmp_path / "absent"))
     with pytest.raises(FileNotFoundError, match="run `ddpm-seg demo` first") as info:
         check_paths(cfg, ["training_path"], DEMO_EXPERIMENT)
     assert "download" not in str(info.value)
@@ -114,18 +114,17 @@ def test_extra_backbones_fit_the_demo_images():
     import numpy as np
 
     from ddpm_seg.backbones import create_feature_extractor
-    from ddpm_seg.config import validate_experiment
     from ddpm_seg.demo import baseline_configs
 
     cfg = load_experiment(DEMO_EXPERIMENT)
     configs = baseline_configs(cfg, ["mae", "swav", "swav_w2"])
-    assert configs["pixels"]["dim"] == [32, 32, 3]
+    assert configs["pixels"].dim == [32, 32, 3]
     image = np.zeros((32, 32, 3), dtype=np.uint8)
     for name in ("pixels", "swav", "swav_w2"):  # MAE's ViT-L is left out: 300M parameters to initialise
-        run_cfg = validate_experiment(configs[name])
+        run_cfg = configs[name]
         maps = create_feature_extractor(run_cfg, {}, torch.device("cpu"), random_init=True)(image)
-        assert sum(m.shape[0] for m in maps) == run_cfg["dim"][-1]
-    assert configs["mae"]["dim"][-1] == 12 * 1024 and not configs["mae"]["input_activations"]
+        assert sum(m.shape[0] for m in maps) == run_cfg.dim[-1]
+    assert configs["mae"].dim[-1] == 12 * 1024 and not configs["mae"].input_activations
 
 
 def test_curve_scores_doubling_steps_and_the_last():

@@ -137,7 +137,8 @@ def config(model_path, **overrides):
 
 
 def extractor(model_path, **overrides):
-    return create_feature_extractor(config(model_path, **overrides), {}, torch.device("cpu"), seed=0)
+    return create_feature_extractor(validate_experiment(config(model_path, **overrides)), {}, torch.device("cpu"),
+                                    seed=0)
 
 
 @torch.no_grad()
@@ -272,7 +273,8 @@ def test_random_init_and_bfloat16(pipelines):
     image = images(1)[0]
     trained = extractor(pipelines["sd"], blocks=["up_blocks.1"])(image)[0]
     cfg = config(pipelines["sd"], blocks=["up_blocks.1"])
-    random = [create_feature_extractor(cfg, {}, torch.device("cpu"), seed=3, random_init=True)(image)[0] for _ in range(2)]
+    random = [create_feature_extractor(validate_experiment(cfg), {}, torch.device("cpu"), seed=3, random_init=True)(image)[0]
+              for _ in range(2)]
     assert torch.equal(random[0], random[1]) and not torch.allclose(random[0], trained)  # seeded, and not the weights
     half = extractor(pipelines["sd"], blocks=["up_blocks.1"], dtype="bfloat16")
     assert half.dtype == torch.bfloat16
@@ -317,7 +319,7 @@ def test_missing_extra_names_the_install_command(pipelines, monkeypatch):
 
 def test_config_takes_module_names_for_diffusers_only():
     cfg = config("m", blocks=["up_blocks.2", "up_blocks.1"], prompt="a photo", noise_draws=2, dtype="bfloat16")
-    assert validate_experiment(dict(cfg))["blocks"] == ["up_blocks.2", "up_blocks.1"]  # order as given
+    assert validate_experiment(dict(cfg)).blocks == ["up_blocks.2", "up_blocks.1"]  # order as given
     with pytest.raises(ValueError, match=r"lists \['up_blocks.1'\] more than once"):
         validate_experiment(config("m", blocks=["up_blocks.1", "up_blocks.1"]))
     with pytest.raises(ValueError, match="must be module names"):
@@ -330,9 +332,9 @@ def test_config_takes_module_names_for_diffusers_only():
         validate_experiment(config("m", model_type="ddpm", blocks=[1], prompt="x"))
     # Long module names keep the run folder name short and distinct.
     long_names = BLOCKS["sd"] + ["mid_block"]
-    suffix = experiment_suffix(config("m", blocks=long_names))
+    suffix = experiment_suffix(validate_experiment(config("m", blocks=long_names)))
     assert len(suffix) < 130 and suffix.startswith("10_60_blocks-")
-    assert suffix != experiment_suffix(config("m", blocks=long_names[:-1]))
+    assert suffix != experiment_suffix(validate_experiment(config("m", blocks=long_names[:-1])))
 
 
 def test_sd15_configs_give_the_features_their_dim_says():
@@ -344,11 +346,11 @@ def test_sd15_configs_give_the_features_their_dim_says():
     for dataset in ("bedroom_28", "ffhq_34", "cat_15", "horse_21", "celeba_19", "ade_bedroom_30"):
         sd15 = load_experiment(os.path.join(root, "experiments", dataset, "sd15.json"))
         ddpm = load_experiment(os.path.join(root, "experiments", dataset, "ddpm.json"))
-        assert sd15["steps"] == [50, 150] and sd15["blocks"] == blocks
-        assert sd15["dim"] == [512, 512, sum(s[0] for s in shapes)] == [512, 512, 8960]
+        assert sd15.steps == [50, 150] and sd15.blocks == blocks
+        assert sd15.dim == [512, 512, sum(s[0] for s in shapes)] == [512, 512, 8960]
         same = ("category", "number_class", "ignore_label", "training_path", "testing_path", "training_number",
                 "testing_number", "model_num", "batch_size")
-        assert {k: sd15.get(k) for k in same} == {k: ddpm.get(k) for k in same}
+        assert {k: getattr(sd15, k) for k in same} == {k: getattr(ddpm, k) for k in same}
 
 
 def test_load_components_skips_parts_features_do_not_need(pipelines):

@@ -317,8 +317,8 @@ def test_adm_imagenet_download_writes_its_model_flags(server, tmp_path, capsys, 
     # The example config for one's own data reads it like the paper's LSUN configs read theirs.
     example = load_experiment(os.path.join(REPO, "experiments", "custom", "adm_imagenet.json"))
     horse = load_experiment(os.path.join(REPO, "experiments", "horse_21", "ddpm.json"))
-    assert example["model_path"] == entry["dest"]
-    assert [example[k] for k in ("dim", "steps", "blocks")] == [horse[k] for k in ("dim", "steps", "blocks")]
+    assert example.model_path == entry["dest"]
+    assert [getattr(example, k) for k in ("dim", "steps", "blocks")] == [getattr(horse, k) for k in ("dim", "steps", "blocks")]
 
 
 SCRIPTS = [

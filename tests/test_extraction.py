@@ -1,5 +1,7 @@
 """Reduced-precision and batched feature extraction: the numbers they give against float32, one image at a time."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -97,7 +99,7 @@ def test_every_backbone_runs_in_bf16(model_type, monkeypatch):
     from ddpm_seg.backbones import mae, swav
     monkeypatch.setitem(swav.ARCHITECTURES, "swav", dict(widen=1, width=8))
     monkeypatch.setattr(mae, "ARCHITECTURE", dict(patch_size=8, embed_dim=32, depth=14, num_heads=2, mlp_ratio=2.0))
-    cfg = {"model_type": model_type, "dim": [64, 64, 0], "input_activations": False, "model_path": None}
+    cfg = SimpleNamespace(model_type=model_type, dim=[64, 64, 0], input_activations=False, model_path=None)
     image = _images(1, size=64)[0]
     reference = create_feature_extractor(cfg, {}, torch.device("cpu"), random_init=True)(image)
     ours = create_feature_extractor(cfg, {}, torch.device("cpu"), random_init=True, dtype="bf16")(image)

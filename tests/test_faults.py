@@ -16,7 +16,7 @@ import torch
 from ddpm_seg import cli, files, progress
 from ddpm_seg.backbones import create_feature_extractor
 from ddpm_seg.class_info import class_table
-from ddpm_seg.config import experiment_suffix, load_experiment
+from ddpm_seg.config import experiment_suffix, load_experiment, validate_experiment
 from ddpm_seg.data import read_label
 from ddpm_seg.ensemble import MLPEnsemble, train_ensemble
 from ddpm_seg.feature_store import FeatureStore, PixelSampler
@@ -76,7 +76,7 @@ def test_blocks_and_steps_are_sorted_so_both_orders_are_one_run(experiment, tmp_
     path, cfg = experiment
     a = load_experiment(write_config(tmp_path / "a.json", dict(cfg, blocks=[5, 2], steps=[30, 10])))
     b = load_experiment(write_config(tmp_path / "b.json", dict(cfg, blocks=[2, 5], steps=[10, 30])))
-    assert a["blocks"] == b["blocks"] == [2, 5] and a["steps"] == b["steps"] == [10, 30]
+    assert a.blocks == b.blocks == [2, 5] and a.steps == b.steps == [10, 30]
     assert experiment_suffix(a) == experiment_suffix(b) == "10_30_2_5"
     # Features come in ascending block order, as the original extractor walks output_blocks.
     extractor = create_feature_extractor(a, TINY_UNET, torch.device("cpu"))
@@ -212,7 +212,7 @@ def _members(cfg):
     from ddpm_seg.config import run_dir
     ensemble = MLPEnsemble(cfg["dim"][-1], cfg["number_class"], cfg["model_num"])
     for m in range(cfg["model_num"]):
-        ensemble.save_member(os.path.join(run_dir(cfg, 0), f"model_{m}.pth"), m)
+        ensemble.save_member(os.path.join(run_dir(validate_experiment(cfg), 0), f"model_{m}.pth"), m)
 
 
 @pytest.mark.parametrize("command", ["train-interpreter", "train-ddpm", "generate-dataset", "report"])
@@ -350,7 +350,7 @@ def test_config_with_a_byte_order_mark_loads(experiment, tmp_path, encoding):
     _, cfg = experiment
     path = tmp_path / "bom.json"
     path.write_text(json.dumps(cfg), encoding=encoding)
-    assert load_experiment(str(path))["blocks"] == cfg["blocks"]
+    assert load_experiment(str(path)).blocks == cfg["blocks"]
 
 
 def test_config_in_another_encoding_names_the_file(experiment, tmp_path):

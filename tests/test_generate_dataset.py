@@ -15,7 +15,7 @@ import ddpm_seg.commands.generate_dataset as command
 import ddpm_seg.synthetic_data as gen
 from ddpm_seg.commands.flags import options_from_flags
 from ddpm_seg.backbones import create_feature_extractor
-from ddpm_seg.config import load_experiment, resolve_model_flags, run_dir
+from ddpm_seg.config import load_experiment, resolve_model_flags, run_dir, validate_experiment
 from ddpm_seg.ensemble import MLPEnsemble, predict_logits
 from ddpm_seg.evaluate import image_uncertainty_score, majority_vote, uncertainty_map
 from ddpm_seg.files import LOCK_NAME
@@ -43,7 +43,7 @@ def experiment(tmp_path):
         "model_num": 2, "batch_size": 64, "training_number": 1, "testing_number": 1, "upsample_mode": "bilinear",
         "share_noise": True, "input_activations": False,
     }
-    extractor = create_feature_extractor(cfg, TINY, torch.device("cpu"), seed=0)
+    extractor = create_feature_extractor(validate_experiment(cfg), TINY, torch.device("cpu"), seed=0)
     maps = extractor(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     cfg["dim"][2] = sum(m.shape[0] for m in maps)
     # An untrained ensemble, its batch norms set to the statistics of one image's pixels and its weights
@@ -57,7 +57,7 @@ def experiment(tmp_path):
             fc.weight.mul_(10)
         ensemble(pixels.expand(2, -1, -1))
     for m in range(2):
-        ensemble.save_member(os.path.join(run_dir(cfg, 0), f"model_{m}.pth"), m)
+        ensemble.save_member(os.path.join(run_dir(validate_experiment(cfg), 0), f"model_{m}.pth"), m)
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(cfg))
     return str(path), cfg
@@ -115,11 +115,11 @@ def test_labels_are_those_of_a_real_image_with_that_pixels(experiment, tmp_path,
     exp, cfg = experiment
     images, labels, scores = _arrays(_generate(_argv(exp, tmp_path))["path"])
     # The members' folder records no precision: both pick the CPU's --extract_dtype auto.
-    extractor = create_feature_extractor(cfg, TINY, torch.device("cpu"), seed=0, dtype="auto")
+    extractor = create_feature_extractor(validate_experiment(cfg), TINY, torch.device("cpu"), seed=0, dtype="auto")
     assert extractor.model.dtype == (torch.bfloat16 if cpu_branch else torch.float32)
     ensemble = MLPEnsemble(cfg["dim"][2], 3, 2)
     for m in range(2):
-        ensemble.load_member(os.path.join(run_dir(cfg, 0), f"model_{m}.pth"), m)
+        ensemble.load_member(os.path.join(run_dir(validate_experiment(cfg), 0), f"model_{m}.pth"), m)
     assert len(np.unique(labels)) > 1 and scores.min() > 1e-3
     for image, label, score in zip(images, labels, scores):
         logits = predict_logits(ensemble, extractor(image), (16, 16))
@@ -237,7 +237,7 @@ def test_retrained_members_or_another_checkpoint_are_refused_on_resume(experimen
     with pytest.raises(KeyboardInterrupt):
         _generate(_argv(exp, tmp_path))
     monkeypatch.setattr(gen, "save_chunk", real_save)
-    member = os.path.join(run_dir(cfg, 0), "model_1.pth")
+    member = os.path.join(run_dir(validate_experiment(cfg), 0), "model_1.pth")
     original = open(member, "rb").read()
     retrained = MLPEnsemble(cfg["dim"][2], 3, 2, seed=5)
     retrained.save_member(member, 1)

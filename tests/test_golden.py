@@ -9,6 +9,7 @@ Everything runs in float32 on the CPU.
 """
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -113,7 +114,7 @@ def test_features_match_collect_features(extractor, golden, experiment):
     cfg, _ = experiment
     expected = golden["extract"]["features"]  # [N, dim, H, W]
     num_images, dim, height, width = expected.shape
-    assert dim == cfg["dim"][-1] and [height, width] == cfg["dim"][:2]
+    assert dim == cfg.dim[-1] and [height, width] == cfg.dim[:2]
     per_image = [extractor(image) for image in images(golden)]
     store = FeatureStore([tuple(m.shape) for m in per_image[0]], (height, width), num_images, dtype=torch.float32)
     for i, maps in enumerate(per_image):
@@ -130,7 +131,7 @@ def member_ensemble(entry, folder):
     """A one-member ensemble loaded, through load_ensemble, from model_0.pth in the upstream format."""
     folder.mkdir(exist_ok=True)
     torch.save(entry["checkpoint"], member_path(str(folder), 0))
-    cfg = {"dim": [0, 0, entry["dim"]], "number_class": entry["number_class"], "model_num": 1}
+    cfg = SimpleNamespace(dim=[0, 0, entry["dim"]], number_class=entry["number_class"], model_num=1)
     return load_ensemble(cfg, str(folder), seed=0, device=CPU)
 
 

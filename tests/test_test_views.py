@@ -66,7 +66,7 @@ def _ddpm_interpreter(views):
     dim = sum(m.shape[0] for m in extractor(_image()))
     ensemble = _decisive(MLPEnsemble(dim, 4, 3, seed=0))
     cfg = dict(CFG, dim=[32, 32, dim], test_views=views)
-    return Interpreter(cfg, extractor, ensemble), model, diffusion, noise
+    return Interpreter(validate_experiment(cfg), extractor, ensemble), model, diffusion, noise
 
 
 def test_each_view_has_its_own_noise_and_member_probabilities_are_averaged():
@@ -106,17 +106,17 @@ def test_pixel_features_read_alike_in_every_view():
     cfg = dict(CFG, model_type="pixels", steps=[], blocks=[], dim=[32, 32, 3])
     ensemble = _decisive(MLPEnsemble(3, 4, 3, seed=0))
     image = _image(seed=3)
-    one = Interpreter(cfg, pixel_features, ensemble).logits([image])[0]
-    eight = Interpreter(dict(cfg, test_views=8), pixel_features, ensemble).logits([image])[0]
+    one = Interpreter(validate_experiment(cfg), pixel_features, ensemble).logits([image])[0]
+    eight = Interpreter(validate_experiment(dict(cfg, test_views=8)), pixel_features, ensemble).logits([image])[0]
     torch.testing.assert_close(eight.exp(), one.softmax(dim=1), rtol=1e-5, atol=1e-6)
 
 
 def test_config_refuses_test_views_out_of_range_or_turning_a_non_square_resolution():
     cfg = dict(CFG, dim=[32, 32, 96])
-    assert validate_experiment(dict(cfg, test_views=8))["test_views"] == 8
+    assert validate_experiment(dict(cfg, test_views=8)).test_views == 8
     for bad in (0, 9):
         with pytest.raises(ValueError, match=rf"<config>: 'test_views' must be in 1..8 \(flips and quarter turns\), got {bad}"):
             validate_experiment(dict(cfg, test_views=bad))
-    assert validate_experiment(dict(cfg, dim=[32, 48, 96], test_views=4))["test_views"] == 4
+    assert validate_experiment(dict(cfg, dim=[32, 48, 96], test_views=4)).test_views == 4
     with pytest.raises(ValueError, match="'test_views' 5 needs quarter turns, which a 32x48 resolution"):
         validate_experiment(dict(cfg, dim=[32, 48, 96], test_views=5))

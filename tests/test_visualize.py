@@ -13,6 +13,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ddpm_seg import visualize
 from ddpm_seg.backbones.pixels import pixel_features
 from ddpm_seg.class_info import dataset_info, dataset_names, default_class_names, default_palette
+from ddpm_seg.config import validate_experiment
 from ddpm_seg.data import read_image
 from ddpm_seg.ensemble import MLPEnsemble
 from ddpm_seg.interpreter import Interpreter
@@ -355,7 +356,7 @@ def _pixel_interpreter():
                training_path="a", testing_path="b", model_path="m", dim=[32, 32, 3], steps=[], blocks=[],
                model_num=3, batch_size=64, training_number=1, testing_number=1, upsample_mode="bilinear",
                share_noise=True, input_activations=False, class_names=["a", "b", "c", "d"])
-    return Interpreter(cfg, pixel_features, MLPEnsemble(3, 4, 3, seed=0).eval())
+    return Interpreter(validate_experiment(cfg), pixel_features, MLPEnsemble(3, 4, 3, seed=0).eval())
 
 
 def test_interpreter_segments_a_path_and_saves_mask_and_overlay(tmp_path):

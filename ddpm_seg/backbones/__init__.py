@@ -3,7 +3,8 @@ rest of the toolkit needs to know of it (its own config keys and their checks, w
 that takes noise and can be swept over steps, whether its blocks are module names, whether model_path may be a
 hub id, whether its checkpoint carries guided-diffusion model flags): adding a backbone touches only its file.
 
-A builder takes (cfg, model_flags, device, seed, random_init, dtype) and returns a feature extractor: a
+A builder takes (cfg, model_flags, device, seed, random_init, dtype), cfg being the config.Experiment (the
+backbone's own keys in cfg.backbone_options), and returns a feature extractor: a
 callable mapping one uint8 image [H, W, 3] (numpy) to a list of activation maps [C, h, w] at their native
 resolution, in the order the experiment's `dim[-1]` features are concatenated, and a batch of images
 [N, H, W, 3] to the same list with a leading batch dimension, [N, C, h, w]. Maps are float32 whatever
@@ -161,7 +162,7 @@ class Backbone:
     """A registered backbone: its builder and its traits."""
     build: Callable  # (cfg, model_flags, device, seed, random_init, torch dtype) -> feature extractor
     config_keys: dict = field(default_factory=dict)  # experiment keys only it reads: name -> (type, required)
-    check_config: Optional[Callable] = None  # (cfg, path) -> None: refuses values it cannot use, before loading
+    check_config: Optional[Callable] = None  # (config dict, path) -> None: refuses values it cannot use, when validated
     noised: bool = False  # a diffusion model: noise_draws and share_noise apply; extractor.at_steps(steps) sweeps
     named_blocks: bool = False  # blocks are module names read in the order given, not output-block indices
     hub_model: bool = False  # model_path may be a hub id, resolved (and checked) when the backbone loads
@@ -185,7 +186,7 @@ def backbone(model_type: str) -> Backbone:
     return BACKBONES[model_type]
 
 
-def create_feature_extractor(cfg: dict, model_flags: dict, device, seed: int = 0, random_init: bool = False,
+def create_feature_extractor(cfg, model_flags: dict, device, seed: int = 0, random_init: bool = False,
                              config_path: str = None, dtype: str = "fp32"):
     """The backbone cfg names, built, computing in `dtype` (an --extract_dtype name; auto resolved here); with
     config_path, a config value the backbone refuses (a block or step out of range, an unknown model_type) is
@@ -193,7 +194,7 @@ def create_feature_extractor(cfg: dict, model_flags: dict, device, seed: int = 0
     from guided_diffusion.checkpoint import CheckpointError
 
     try:
-        builder = backbone(cfg["model_type"]).build
+        builder = backbone(cfg.model_type).build
         torch_dtype = extract_dtype(dtype, device, bool(model_flags.get("use_fp16")))
         return builder(cfg, model_flags, device, seed, random_init, torch_dtype)
     except CheckpointError:

@@ -107,16 +107,16 @@ class DDPMFeatureExtractor:
 def build_ddpm(cfg, model_flags, device, seed, random_init, dtype):
     # Features come from the full noising process whatever respacing a sampler may use. The body's dtype
     # is set below from `dtype`, which already follows use_fp16 on CUDA under --extract_dtype auto.
-    flags = {**model_and_diffusion_defaults(), **model_flags, "image_size": cfg["dim"][0], "timestep_respacing": "",
+    flags = {**model_and_diffusion_defaults(), **model_flags, "image_size": cfg.dim[0], "timestep_respacing": "",
              "use_fp16": False}
     if random_init:
         torch.manual_seed(seed)
         model, diffusion = create_model_and_diffusion(**flags)
         model.to(device).eval()
     else:
-        model, diffusion = load_ddpm(cfg["model_path"], flags, device)
+        model, diffusion = load_ddpm(cfg.model_path, flags, device)
     model.convert_body(dtype)
-    draws, views = cfg.get("noise_draws", 1), cfg.get("test_views", 1)
-    noise = shared_noise(seed, draws * views, (3, *cfg["dim"][:2]), device) if cfg["share_noise"] else None
-    return DDPMFeatureExtractor(model, diffusion, cfg["steps"], cfg["blocks"], cfg["input_activations"], noise, draws,
+    draws, views = cfg.noise_draws, cfg.test_views
+    noise = shared_noise(seed, draws * views, (3, *cfg.dim[:2]), device) if cfg.share_noise else None
+    return DDPMFeatureExtractor(model, diffusion, cfg.steps, cfg.blocks, cfg.input_activations, noise, draws,
                                 views, noise_seed=seed)

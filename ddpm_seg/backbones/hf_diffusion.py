@@ -354,19 +354,20 @@ def check_config(cfg, path):
 @register("diffusers", config_keys={"prompt": (str, False), "dtype": (str, False)}, check_config=check_config,
           noised=True, named_blocks=True, hub_model=True)
 def build_diffusers(cfg, model_flags, device, seed, random_init, dtype):
-    if cfg["input_activations"]:
+    if cfg.input_activations:
         raise ValueError("input_activations is not supported for model_type 'diffusers': name the module "
                          "before it in blocks instead")
     # The config's own "dtype" pins this experiment's precision; without it, --extract_dtype decides.
-    dtype = DTYPES[cfg["dtype"]] if "dtype" in cfg else dtype
-    folder = resolve_model_folder(cfg["model_path"])
+    options = cfg.backbone_options
+    dtype = DTYPES[options["dtype"]] if "dtype" in options else dtype
+    folder = resolve_model_folder(cfg.model_path)
     parts = load_components(folder, dtype, random_init, seed)
     if "vae" in parts and dtype == torch.float16 and getattr(parts["vae"].config, "force_upcast", False):
         parts["vae"].to(torch.float32)  # SDXL's VAE overflows in float16, as its pipeline knows
     for part in parts.values():
         if isinstance(part, torch.nn.Module):
             part.to(device).eval()
-    draws, views = cfg.get("noise_draws", 1), cfg.get("test_views", 1)
-    noise = shared_noise(seed, draws * views, latent_shape(parts, cfg["dim"][:2]), device) if cfg["share_noise"] else None
-    return DiffusersFeatureExtractor(parts, cfg["steps"], cfg["blocks"], cfg.get("prompt", ""), draws, noise,
-                                     cfg["model_path"], views, noise_seed=seed)
+    draws, views = cfg.noise_draws, cfg.test_views
+    noise = shared_noise(seed, draws * views, latent_shape(parts, cfg.dim[:2]), device) if cfg.share_noise else None
+    return DiffusersFeatureExtractor(parts, cfg.steps, cfg.blocks, options.get("prompt", ""), draws, noise,
+                                     cfg.model_path, views, noise_seed=seed)

@@ -69,10 +69,10 @@ class MAEFeatureExtractor:
 
 @register("mae")
 def build_mae(cfg, model_flags, device, seed, random_init, dtype):
-    image_size = tuple(cfg["dim"][:2])
+    image_size = tuple(cfg.dim[:2])
     patch = ARCHITECTURE["patch_size"]
     if image_size[0] % patch or image_size[1] % patch:
-        raise ValueError(f"MAE cuts images into {patch}x{patch} patches: dim {cfg['dim'][:2]} must be "
+        raise ValueError(f"MAE cuts images into {patch}x{patch} patches: dim {cfg.dim[:2]} must be "
                          f"multiples of {patch}")
     if random_init:
         torch.manual_seed(seed)
@@ -80,7 +80,7 @@ def build_mae(cfg, model_flags, device, seed, random_init, dtype):
     if not random_init:
         # The position embeddings fix the image size: a checkpoint pre-trained at another size fails here
         # with a pos_embed shape mismatch.
-        load_state_dict_strict(encoder, read_mae_encoder_state_dict(cfg["model_path"]), cfg["model_path"], hints=None)
+        load_state_dict_strict(encoder, read_mae_encoder_state_dict(cfg.model_path), cfg.model_path, hints=None)
     # Every weight in `dtype`: timm's LayerNorm and softmax accumulate in float32 for bf16/fp16 inputs.
     encoder.to(device, dtype).eval()
-    return MAEFeatureExtractor(encoder, NUM_FEATURE_BLOCKS, cfg["input_activations"])
+    return MAEFeatureExtractor(encoder, NUM_FEATURE_BLOCKS, cfg.input_activations)

@@ -120,9 +120,9 @@ class SwAVFeatureExtractor:
 def build_swav(cfg, model_flags, device, seed, random_init, dtype):
     if random_init:
         torch.manual_seed(seed)
-    model = SwAVResNet50(**ARCHITECTURES[cfg["model_type"]])
+    model = SwAVResNet50(**ARCHITECTURES[cfg.model_type])
     if not random_init:
-        load_swav(model, cfg["model_path"])
+        load_swav(model, cfg.model_path)
     # Batch norm in eval mode is an affine map: bf16/fp16 weights throughout are fine.
     model.to(device, dtype).eval()
-    return SwAVFeatureExtractor(model, cfg["input_activations"])
+    return SwAVFeatureExtractor(model, cfg.input_activations)

@@ -42,7 +42,7 @@ def convert_labels(exp: str, folder: str, out: str) -> int:
     check_unique_stems(paths)
     _, palette = class_table(cfg)
     # Every label is read and checked before anything is written.
-    labels = [read_label(p, folder, read_image(p).shape, cfg["number_class"], cfg["ignore_label"], palette)
+    labels = [read_label(p, folder, read_image(p).shape, cfg.number_class, cfg.ignore_label, palette)
               for p in paths]
     for path, label in zip(paths, labels):
         target = os.path.join(out, os.path.relpath(path, folder))

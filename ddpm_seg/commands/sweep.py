@@ -83,12 +83,12 @@ def add_args(parser):
 def sweep_options(args, cfg) -> SweepOptions:
     """The flags as SweepOptions; --steps, --blocks and --out default to the config's steps and blocks and
     <exp_dir>/sweep."""
-    named = backbone(cfg["model_type"]).named_blocks
+    named = backbone(cfg.model_type).named_blocks
     return options_from_flags(
         SweepOptions, args,
-        steps=parse_index_list(args.steps, "--steps") if args.steps else cfg["steps"],
-        blocks=parse_block_list(args.blocks, named) if args.blocks else cfg["blocks"],
-        out=args.out or os.path.join(cfg["exp_dir"], "sweep"))
+        steps=parse_index_list(args.steps, "--steps") if args.steps else cfg.steps,
+        blocks=parse_block_list(args.blocks, named) if args.blocks else cfg.blocks,
+        out=args.out or os.path.join(cfg.exp_dir, "sweep"))
 
 
 def main(argv):
