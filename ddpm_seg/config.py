@@ -7,9 +7,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from guided_diffusion.checkpoint import read_model_flags
-from guided_diffusion.script_util import args_to_dict, model_and_diffusion_defaults
-
 from .backbones import BACKBONES, backbone
 from .class_info import dataset_info, dataset_names
 from .files import read_json_object
@@ -234,18 +231,3 @@ def check_paths(cfg: Experiment, keys, path: str = "<config>") -> None:
         value = getattr(cfg, key)
         if not os.path.exists(value):
             raise FileNotFoundError(f"{path}: {key} {value!r} does not exist; {hints.get(key, 'check the path')}")
-
-
-def explicit_flags(argv):
-    """Model flags named on the command line (as --flag value or --flag=value)."""
-    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    return given & set(model_and_diffusion_defaults())
-
-
-def resolve_model_flags(cfg, args, argv):
-    """Flags saved beside a checkpoint of ours win over defaults; flags typed on the command line win over both."""
-    cli = args_to_dict(args, model_and_diffusion_defaults().keys())
-    saved = read_model_flags(cfg.model_path) if backbone(cfg.model_type).model_flags else None
-    if saved is None:
-        return cli
-    return {**cli, **saved, **{k: cli[k] for k in explicit_flags(argv)}}

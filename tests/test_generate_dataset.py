@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 import ddpm_seg.commands.generate_dataset as command
 import ddpm_seg.synthetic_data as gen
-from ddpm_seg.commands.flags import options_from_flags
+from ddpm_seg.commands.flags import options_from_flags, resolve_model_flags
 from ddpm_seg.backbones import create_feature_extractor
-from ddpm_seg.config import load_experiment, resolve_model_flags, run_dir, validate_experiment
+from ddpm_seg.config import load_experiment, run_dir, validate_experiment
 from ddpm_seg.ensemble import MLPEnsemble, predict_logits
 from ddpm_seg.evaluate import image_uncertainty_score, majority_vote, uncertainty_map
 from ddpm_seg.files import LOCK_NAME

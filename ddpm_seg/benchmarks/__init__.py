@@ -1,4 +1,4 @@
-"""What `ddpm-seg bench` measures, a module per phase, each phase a `measure(args, say)` that returns its
+"""What `ddpm-seg bench` measures, a module per phase, each phase a `measure(opts, say)` that returns its
 results:
 
   store             extraction-to-store time and memory, ours beside the original's full-resolution tensor

@@ -33,48 +33,48 @@ def write_scenes(folder, count, size, seed):
         np.save(os.path.join(folder, f"{i:05d}.npy"), label)
 
 
-def e2e_command(args, exp_path, run_dir):
+def e2e_command(opts, exp_path, run_dir):
     """The train-interpreter command line the e2e phase runs."""
     command = [sys.executable, "-m", "ddpm_seg.cli", "train-interpreter", "--exp", exp_path, "--run_dir", run_dir,
-               "--random_init", "--no_pictures", "--device", args.device, "--seed", str(args.seed),
-               "--recipe", args.recipe, "--extract_dtype", args.extract_dtype]
-    if args.e2e_batch is not None:
-        command += ["--batch_size", str(args.e2e_batch)]
-    if args.extract_batch is not None:
-        command += ["--extract_batch", str(args.extract_batch)]
-    if args.fp32:
+               "--random_init", "--no_pictures", "--device", opts.device, "--seed", str(opts.seed),
+               "--recipe", opts.recipe, "--extract_dtype", opts.extract_dtype]
+    if opts.e2e_batch is not None:
+        command += ["--batch_size", str(opts.e2e_batch)]
+    if opts.extract_batch is not None:
+        command += ["--extract_batch", str(opts.extract_batch)]
+    if opts.fp32:
         command += ["--autocast", "none"]
-    return command + list(e2e_layout(args)["flags"])
+    return command + list(e2e_layout(opts)["flags"])
 
 
-def job_e2e_ours(args):
+def job_e2e_ours(opts):
     """train-interpreter end to end in a child process: its timings, wall time, peak RSS and mIoU."""
-    layout = e2e_layout(args)
+    layout = e2e_layout(opts)
     root = tempfile.mkdtemp(prefix="ddpm-seg-e2e-")
     try:
-        write_scenes(os.path.join(root, "train"), args.e2e_n, layout["image"], args.seed)
-        write_scenes(os.path.join(root, "test"), args.test_n, layout["image"], args.seed + 1)
+        write_scenes(os.path.join(root, "train"), opts.e2e_n, layout["image"], opts.seed)
+        write_scenes(os.path.join(root, "test"), opts.test_n, layout["image"], opts.seed + 1)
         labelled = sum(int((np.load(os.path.join(root, "train", f"{i:05d}.npy")) != IGNORE_LABEL).sum())
-                       for i in range(args.e2e_n))
+                       for i in range(opts.e2e_n))
         size = layout["image"]
         cfg = {"exp_dir": os.path.join(root, "runs"), "model_type": "ddpm", "category": "e2e",
                "number_class": layout["classes"], "ignore_label": IGNORE_LABEL,
                "training_path": os.path.join(root, "train"), "testing_path": os.path.join(root, "test"),
-               "model_path": "unused (random_init)", "dim": [size, size, e2e_features(args)],
-               "steps": layout["steps"], "blocks": layout["blocks"], "model_num": args.members,
-               "batch_size": PAPER_BATCH, "training_number": args.e2e_n, "testing_number": args.test_n,
+               "model_path": "unused (random_init)", "dim": [size, size, e2e_features(opts)],
+               "steps": layout["steps"], "blocks": layout["blocks"], "model_num": opts.members,
+               "batch_size": PAPER_BATCH, "training_number": opts.e2e_n, "testing_number": opts.test_n,
                "upsample_mode": "bilinear", "share_noise": True, "input_activations": False}
         exp_path = os.path.join(root, "e2e.json")
         with open(exp_path, "w") as f:
             json.dump(cfg, f)
         run_dir = os.path.join(root, "run")
-        command = e2e_command(args, exp_path, run_dir)
+        command = e2e_command(opts, exp_path, run_dir)
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+        env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads),
                    PYTHONPATH=os.pathsep.join([package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
         log_path = os.path.join(root, "log.txt")
         with open(log_path, "w") as log:
-            out = log if args.quiet else None
+            out = log if opts.quiet else None
             start = time.perf_counter()
             child = subprocess.Popen(command, env=env, stdout=out, stderr=out)
             _, status, usage = os.wait4(child.pid, 0)
@@ -99,23 +99,23 @@ def job_e2e_ours(args):
             "command": " ".join(command[1:]).replace(exp_path, "<exp.json>").replace(run_dir, "<run_dir>")}
 
 
-def e2e_results(ours, forward, train, args):
+def e2e_results(ours, forward, train, opts):
     """Ours as measured, the original computed from its measured forward and training speed."""
-    num_steps = len(e2e_layout(args)["steps"])
+    num_steps = len(e2e_layout(opts)["steps"])
     pixels = sum(ours["member_steps"]) * ours["batch_size"]  # our pixel presentations (last batches rounded up)
     # The original's rule never stops a member before 4 epochs over every labelled pixel and 51 more steps of 64:
     # its shortest run, so the original's computed training time is a lower bound.
-    original_pixels = args.members * (4 * ours["labelled_pixels"] + (PATIENCE + 1) * PAPER_BATCH)
+    original_pixels = opts.members * (4 * ours["labelled_pixels"] + (PATIENCE + 1) * PAPER_BATCH)
     original = {
-        "extract_train_s": args.e2e_n * num_steps * forward["time_s"],
+        "extract_train_s": opts.e2e_n * num_steps * forward["time_s"],
         "train_ensemble_s": original_pixels / train["pixels_per_s"],
-        "evaluate_s": args.test_n * num_steps * forward["time_s"],
+        "evaluate_s": opts.test_n * num_steps * forward["time_s"],
         "forward_s": forward["time_s"],
         "forward_peak_rss": forward["peak_rss"],
         "train_pixels_per_s": train["pixels_per_s"],
     }
     original["total_s"] = original["extract_train_s"] + original["train_ensemble_s"] + original["evaluate_s"]
-    per_image_ours = ours["extract_train_s"] / args.e2e_n
+    per_image_ours = ours["extract_train_s"] / opts.e2e_n
     per_image_original = num_steps * forward["time_s"]
     return {
         "ours": ours, "original": original, "pixel_presentations": {"ours": pixels, "original": original_pixels},
@@ -125,24 +125,24 @@ def e2e_results(ours, forward, train, args):
         "evaluate_speedup": original["evaluate_s"] / ours["evaluate_s"],
         "total_speedup": original["total_s"] / ours["wall_s"],
         "formulas": {
-            "original extract train": f"n * steps * forward_s = {args.e2e_n} * {num_steps} * {forward['time_s']:.3f}",
-            "original train ensemble": f"members * (4 * labelled pixels + 51 * 64) / original px/s = {args.members} * "
+            "original extract train": f"n * steps * forward_s = {opts.e2e_n} * {num_steps} * {forward['time_s']:.3f}",
+            "original train ensemble": f"members * (4 * labelled pixels + 51 * 64) / original px/s = {opts.members} * "
                                        f"(4 * {ours['labelled_pixels']} + {(PATIENCE + 1) * PAPER_BATCH}) / "
                                        f"{train['pixels_per_s']:.0f} (the shortest run of its stopping rule)",
             "original evaluate": f"test_n * steps * forward_s (UNet only; its full-resolution MLP pass is left out) "
-                                 f"= {args.test_n} * {num_steps} * {forward['time_s']:.3f}",
+                                 f"= {opts.test_n} * {num_steps} * {forward['time_s']:.3f}",
         },
     }
 
 
-def measure(args, say):
+def measure(opts, say):
     """Our run and the original's forward and training speed, each in its own process; the original computed."""
-    ours = run_isolated(job_e2e_ours, args)
-    forward = run_isolated(job_e2e_original_forward, args)
+    ours = run_isolated(job_e2e_ours, opts)
+    forward = run_isolated(job_e2e_original_forward, opts)
     forward.pop("pred")
-    train = run_isolated(job_e2e_original_train, args)
-    e = e2e_results(ours, forward, train, args)
-    say(f"e2e ({args.e2e_n} train + {args.test_n} test images, {args.members} members, --recipe {args.recipe}, "
+    train = run_isolated(job_e2e_original_train, opts)
+    e = e2e_results(ours, forward, train, opts)
+    say(f"e2e ({opts.e2e_n} train + {opts.test_n} test images, {opts.members} members, --recipe {opts.recipe}, "
         f"batch {ours['batch_size']}; extract batch {ours['extract_batch']}): ours {ours['wall_s']:.0f} s wall, "
         f"peak RSS {ours['child_peak_rss'] / GB:.2f} GB, mIoU {100 * ours['miou']:.2f} | original computed "
         f"{e['original']['total_s']:.0f} s (forward {forward['time_s']:.2f} s per image and step, "

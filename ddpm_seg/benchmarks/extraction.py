@@ -25,39 +25,39 @@ E2E_SMALL = dict(flags=("--image_size 32 --num_channels 32 --num_res_blocks 1 --
                  image=32, steps=[10, 30], blocks=[2, 5], classes=29, n=40, test_n=20)
 
 
-def e2e_layout(args):
-    return E2E_SMALL if args.small else E2E
+def e2e_layout(opts):
+    return E2E_SMALL if opts.small else E2E
 
 
-def unet_flags(args):
+def unet_flags(opts):
     parser = argparse.ArgumentParser()
     add_dict_to_argparser(parser, model_and_diffusion_defaults())
-    return args_to_dict(parser.parse_args(e2e_layout(args)["flags"]), model_and_diffusion_defaults().keys())
+    return args_to_dict(parser.parse_args(e2e_layout(opts)["flags"]), model_and_diffusion_defaults().keys())
 
 
-def random_unet(args):
+def random_unet(opts):
     """The e2e UNet at random weights, float32, as --random_init builds it (seeded)."""
-    torch.manual_seed(args.seed)
-    model, diffusion = create_model_and_diffusion(**{**unet_flags(args), "use_fp16": False})
+    torch.manual_seed(opts.seed)
+    model, diffusion = create_model_and_diffusion(**{**unet_flags(opts), "use_fp16": False})
     return model.eval(), diffusion
 
 
-def e2e_features(args):
+def e2e_features(opts):
     """Features per pixel of the e2e layout: every read block's output channels, at every step."""
-    layout = e2e_layout(args)
+    layout = e2e_layout(opts)
     with torch.device("meta"):
-        model, _ = create_model_and_diffusion(**{**unet_flags(args), "use_fp16": False})
+        model, _ = create_model_and_diffusion(**{**unet_flags(opts), "use_fp16": False})
     return len(layout["steps"]) * sum(model.output_blocks[b][0].out_channels for b in layout["blocks"])
 
 
-def job_e2e_original_forward(args):
+def job_e2e_original_forward(opts):
     """The original's extraction cost per image and step: one full forward of the float32 UNet on one image
     at one step (it runs a forward per step), timed after one untimed forward; median of --predict-runs."""
-    layout = e2e_layout(args)
-    model, diffusion = random_unet(args)
+    layout = e2e_layout(opts)
+    model, diffusion = random_unet(opts)
     image = torch.rand(1, 3, layout["image"], layout["image"]) * 2 - 1
     t = torch.tensor([layout["steps"][0]])
     x_t = diffusion.q_sample(image, t, noise=torch.randn_like(image))
     with torch.no_grad():
         model(x_t, t)
-        return timed_runs(args.predict_runs, lambda: model(x_t, t)[0, 0])
+        return timed_runs(opts.predict_runs, lambda: model(x_t, t)[0, 0])

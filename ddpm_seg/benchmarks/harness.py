@@ -32,17 +32,17 @@ def peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def run_isolated(job, args, *extra):
-    """job(args, *extra) in a fresh process (ru_maxrss never goes down, so a peak is only a job's own in a
+def run_isolated(job, opts, *extra):
+    """job(opts, *extra) in a fresh process (ru_maxrss never goes down, so a peak is only a job's own in a
     process of its own); its result gets that process's base and peak RSS."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_child, job, args, *extra).result()
+        return pool.submit(_child, job, opts, *extra).result()
 
 
-def _child(job, args, *extra):
-    torch.set_num_threads(args.threads)
+def _child(job, opts, *extra):
+    torch.set_num_threads(opts.threads)
     base = current_rss()
-    result = job(args, *extra)
+    result = job(opts, *extra)
     result.update(base_rss=base, peak_rss=peak_rss())
     return result
 
@@ -58,11 +58,11 @@ def timed_runs(runs, predict):
     return {"time_s": statistics.median(times), "times_s": times, "pred": pred.numpy().astype(np.uint8)}
 
 
-def bf16_matmuls(args):
+def bf16_matmuls(opts):
     """Our first-layer matmuls in bfloat16: unless --fp32, where this CPU has native bf16 (as --autocast auto)."""
-    return not args.fp32 and fast_bf16("cpu")
+    return not opts.fp32 and fast_bf16("cpu")
 
 
-def store_dtype(args):
+def store_dtype(opts):
     # With bf16 matmuls the features are rounded to bfloat16 before use anyway: store them so.
-    return torch.bfloat16 if bf16_matmuls(args) else torch.float16
+    return torch.bfloat16 if bf16_matmuls(opts) else torch.float16

@@ -110,12 +110,12 @@ def original_peak_formula(base, bytes_per_image, n):
     return base + bytes_per_image * max(2 * n, n + 2)
 
 
-def original_at_n(measured, args):
+def original_at_n(measured, opts):
     """A measurement of the original at --orig-n images, with its peak RSS computed for --n images, and the
     formula's figure and the measured copy factor at --orig-n (how well the formula fits)."""
-    bytes_per_image = layout_summary(args.small)["full_res_bytes_per_image"]
-    measured["peak_rss_computed"] = original_peak_formula(measured["base_rss"], bytes_per_image, args.n)
+    bytes_per_image = layout_summary(opts.small)["full_res_bytes_per_image"]
+    measured["peak_rss_computed"] = original_peak_formula(measured["base_rss"], bytes_per_image, opts.n)
     measured["peak_rss_formula_at_measured_n"] = original_peak_formula(measured["base_rss"], bytes_per_image,
-                                                                       args.orig_n)
-    measured["copy_factor_measured"] = (measured["peak_rss"] - measured["base_rss"]) / (args.orig_n * bytes_per_image)
+                                                                       opts.orig_n)
+    measured["copy_factor_measured"] = (measured["peak_rss"] - measured["base_rss"]) / (opts.orig_n * bytes_per_image)
     return measured

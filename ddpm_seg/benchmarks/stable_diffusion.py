@@ -109,22 +109,22 @@ def time_extraction(extractor, images, warmup: int) -> list:
     return times
 
 
-def time_arch(arch, args, say) -> list:
+def time_arch(arch, opts, say) -> list:
     """One model of `arch`, built in float32 and timed in each of --dtypes in turn (converted in place), on the
     same images: a row per dtype."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(opts.seed)
     start = time.perf_counter()
     parts = build_parts(arch, torch.float32)
     build_s = time.perf_counter() - start
     params = sum(p.numel() for p in parts["unet"].parameters())
-    images = np.random.default_rng(args.seed).integers(0, 256, (args.warmup + args.images, args.size, args.size, 3),
+    images = np.random.default_rng(opts.seed).integers(0, 256, (opts.warmup + opts.images, opts.size, opts.size, 3),
                                                        dtype=np.uint8)
     rows = []
-    for dtype_name in args.dtypes:
+    for dtype_name in opts.dtypes:
         for name in ("unet", "vae"):
             parts[name].to(DTYPES[dtype_name])
-        extractor = make_extractor(arch, parts, args.steps, ARCHS[arch][3])
-        times = time_extraction(extractor, images, args.warmup)
+        extractor = make_extractor(arch, parts, opts.steps, ARCHS[arch][3])
+        times = time_extraction(extractor, images, opts.warmup)
         rows.append({"arch": arch, "dtype": dtype_name, "unet_params": params, "build_s": build_s,
                      "times_s": times, "median_s": statistics.median(times)})
         say("  " + format_row(rows[-1]))
@@ -136,17 +136,17 @@ def format_row(r) -> str:
             f"{r['median_s']:8.2f} s  (each: {', '.join(f'{t:.2f}' for t in r['times_s'])}; build {r['build_s']:.0f} s)")
 
 
-def measure(args, say):
+def measure(opts, say):
     """Every arch of --archs in this process, on --threads threads: its maps at --size for --steps, then its
     timing in each of --dtypes (skipped where this machine has too little memory for it). Prints the seconds
     per image of every arch and dtype."""
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(opts.threads)
     rows, features = [], {}
-    for arch in args.archs:
+    for arch in opts.archs:
         blocks = ARCHS[arch][3]
-        shapes, flops = feature_shapes(arch, args.steps, blocks, args.size)
+        shapes, flops = feature_shapes(arch, opts.steps, blocks, opts.size)
         features[arch] = {"blocks": blocks, "map_shapes": shapes, "flops": flops}
-        say(f"{arch} at {args.size}x{args.size}, steps {args.steps}, blocks {blocks}:")
+        say(f"{arch} at {opts.size}x{opts.size}, steps {opts.steps}, blocks {blocks}:")
         say(f"  maps (C, h, w): {shapes}; {sum(s[0] for s in shapes)} features per pixel; "
             f"{sum(c * h * w for c, h, w in shapes) * 2 / 2**20:.1f} MiB per image in a bfloat16 store; "
             f"{flops / 1e9:.0f} GFLOP per image (VAE encoder + UNet to the last block read)")
@@ -155,8 +155,8 @@ def measure(args, say):
         if available_gb() < need:
             print(f"  {arch} skipped: needs ~{need:.0f} GB and {available_gb():.0f} GB are available")
             continue
-        rows += time_arch(arch, args, say)
-    print(f"\nseconds per {args.size}x{args.size} image (median of {args.images}), {torch.get_num_threads()} threads:")
+        rows += time_arch(arch, opts, say)
+    print(f"\nseconds per {opts.size}x{opts.size} image (median of {opts.images}), {torch.get_num_threads()} threads:")
     for r in rows:
         print(format_row(r))
-    return {"size": args.size, "steps": args.steps, "results": rows, "features": features}
+    return {"size": opts.size, "steps": opts.steps, "results": rows, "features": features}

@@ -87,7 +87,7 @@ class SyntheticTask:
         return logits[0].argmax(0)
 
 
-def synthetic_task(args):
+def synthetic_task(opts):
     """The task of the bench's flags: --small's layout or the paper's, --classes classes, --seed."""
-    map_shapes, image_size = make_layout(args.small)
-    return SyntheticTask(map_shapes, image_size, args.classes, seed=args.seed)
+    map_shapes, image_size = make_layout(opts.small)
+    return SyntheticTask(map_shapes, image_size, opts.classes, seed=opts.seed)

@@ -36,6 +36,7 @@ host memory and CPU time. Linux only (reads /proc and ru_maxrss in KiB).
 """
 
 import argparse
+import dataclasses
 import os
 from functools import partial
 
@@ -43,10 +44,12 @@ from ..backbones import EXTRACT_DTYPES
 from ..benchmarks import e2e, prediction, quality, stable_diffusion, store, training
 from ..benchmarks.extraction import E2E, e2e_layout
 from ..benchmarks.harness import GB
+from ..benchmarks.options import BenchOptions
 from ..benchmarks.summary import check_targets, format_table, formulas
 from ..benchmarks.synthetic import SYNTHETIC_PHASES, layout_summary
 from ..device import cpu_model
 from ..files import atomic_write_json
+from .flags import options_from_flags
 
 # Every phase's measurement, in the order they run.
 MEASURES = {"store": store.measure, "train": training.measure, "predict": prediction.measure, "e2e": e2e.measure,
@@ -57,25 +60,25 @@ TABLE_PHASES = SYNTHETIC_PHASES + ("e2e",)  # the phases with rows in the summar
 SYNTHETIC_N = 50  # --n of the synthetic phases when not given
 
 
-def tabled(args):
+def tabled(opts):
     """Whether a phase of the summary table runs (the diffusers phase prints its own)."""
-    return any(phase in args.phases for phase in TABLE_PHASES)
+    return any(phase in opts.phases for phase in TABLE_PHASES)
 
 
-def run_bench(args):
+def run_bench(opts):
     """Run the selected phases (each approach in its own process); returns the results dict."""
-    layout = layout_summary(args.small)
-    results = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "layout": layout, "cpu": cpu_model()}
-    say = partial(print, flush=True) if not args.quiet else (lambda *a, **k: None)
+    layout = layout_summary(opts.small)
+    results = {"config": {k: v for k, v in dataclasses.asdict(opts).items() if k != "json"}, "layout": layout, "cpu": cpu_model()}
+    say = partial(print, flush=True) if not opts.quiet else (lambda *a, **k: None)
     say(f"CPU: {results['cpu']}")
-    if tabled(args):
+    if tabled(opts):
         height, width = layout["image_size"]
         say(f"layout: {len(layout['map_shapes'])} maps, {layout['features']} features per pixel, {height}x{width} "
             f"images; full-res float32 {layout['full_res_bytes_per_image'] / GB:.3f} GB/image, 16-bit store "
-            f"{layout['store_bytes_per_image'] / GB:.4f} GB/image; {args.threads} threads")
+            f"{layout['store_bytes_per_image'] / GB:.4f} GB/image; {opts.threads} threads")
     for phase, measure in MEASURES.items():
-        if phase in args.phases:
-            results[phase] = measure(args, say)
+        if phase in opts.phases:
+            results[phase] = measure(opts, say)
     results["targets"] = check_targets(results)
     results["formulas"] = formulas(results)
     return results
@@ -177,12 +180,11 @@ def build_parser():
 
 def main(argv):
     args = build_parser().parse_args(argv)
-    args.e2e_n = args.n or e2e_layout(args)["n"]
-    args.e2e_batch, args.batch = args.batch, args.batch or 1024
-    args.n = args.n or SYNTHETIC_N
     if args.classes < 2:
         raise ValueError(f"--classes must be at least 2, got {args.classes}")
-    results = run_bench(args)
+    opts = options_from_flags(BenchOptions, args, n=args.n or SYNTHETIC_N, batch=args.batch or 1024,
+                              e2e_n=args.n or e2e_layout(args)["n"], e2e_batch=args.batch)
+    results = run_bench(opts)
     if tabled(args):
         print(format_table(results))
     for name, formula in results["formulas"].items():

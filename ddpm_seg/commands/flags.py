@@ -3,6 +3,10 @@ groups, and turning parsed flags into an engine's options."""
 
 import dataclasses
 
+from guided_diffusion.checkpoint import read_model_flags
+from guided_diffusion.script_util import args_to_dict, model_and_diffusion_defaults
+
+from ..backbones import backbone
 from ..training import AUTOCAST, STORE_DTYPES, TrainOptions
 
 
@@ -22,3 +26,19 @@ def options_from_flags(options_class, args, **given):
     whose flag is named or shaped otherwise."""
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(options_class) if hasattr(args, f.name)}
     return options_class(**{**flags, **given})
+
+
+def explicit_flags(argv):
+    """Model flags named on the command line (as --flag value or --flag=value)."""
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    return given & set(model_and_diffusion_defaults())
+
+
+def resolve_model_flags(cfg, args, argv):
+    """The UNet flags of a command that takes them: flags saved beside a checkpoint of ours win over defaults;
+    flags typed on the command line (argv) win over both."""
+    cli = args_to_dict(args, model_and_diffusion_defaults().keys())
+    saved = read_model_flags(cfg.model_path) if backbone(cfg.model_type).model_flags else None
+    if saved is None:
+        return cli
+    return {**cli, **saved, **{k: cli[k] for k in explicit_flags(argv)}}
