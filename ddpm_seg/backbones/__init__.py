@@ -121,16 +121,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in EXTRACT_DTYPES.items()}[dtype]
 
 
-def add_extraction_args(parser):
-    parser.add_argument("--extract_dtype", choices=["auto"] + sorted(EXTRACT_DTYPES), default="auto",
-                        help="precision of the backbone's forward; auto: bf16 on CPUs with native bf16 (AMX, "
-                             "AVX512-BF16), fp16 on CUDA when --use_fp16, else fp32")
-    parser.add_argument("--extract_batch", type=int, default=None,
-                        help="images per backbone forward (default: 1 on CPU; on CUDA as many as a quarter of the "
-                             f"free memory holds, at most {MAX_EXTRACT_BATCH['cuda']})")
-
-
-
 def memory_per_image(extractor):
     """An extractor's estimate of one image's working memory in bytes, if it makes one (the DDPM's, after its
     first call); None otherwise."""

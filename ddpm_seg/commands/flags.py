@@ -6,8 +6,19 @@ import dataclasses
 from guided_diffusion.checkpoint import read_model_flags
 from guided_diffusion.script_util import args_to_dict, model_and_diffusion_defaults
 
-from ..backbones import backbone
+from ..backbones import EXTRACT_DTYPES, MAX_EXTRACT_BATCH, backbone
 from ..training import AUTOCAST, STORE_DTYPES, TrainOptions
+
+
+def add_extraction_args(parser):
+    """--extract_dtype and --extract_batch of the backbone's forward (train-interpreter, sweep, generate-dataset)."""
+    parser.add_argument("--extract_dtype", choices=["auto"] + sorted(EXTRACT_DTYPES),
+                        default=TrainOptions.extract_dtype,
+                        help="precision of the backbone's forward; auto: bf16 on CPUs with native bf16 (AMX, "
+                             "AVX512-BF16), fp16 on CUDA when --use_fp16, else fp32")
+    parser.add_argument("--extract_batch", type=int, default=TrainOptions.extract_batch,
+                        help="images per backbone forward (default: 1 on CPU; on CUDA as many as a quarter of the "
+                             f"free memory holds, at most {MAX_EXTRACT_BATCH['cuda']})")
 
 
 def add_precision_args(parser):

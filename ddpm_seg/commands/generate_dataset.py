@@ -27,11 +27,10 @@ import sys
 
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
-from ..backbones import add_extraction_args
 from ..config import load_experiment
 from ..synthetic_data import GenerateOptions, generate_dataset, sampling_options
 from ..seeding import seed_arg
-from .flags import options_from_flags, resolve_model_flags
+from .flags import add_extraction_args, options_from_flags, resolve_model_flags
 
 
 def add_args(parser):

@@ -11,13 +11,12 @@ import numpy as np
 
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
-from ..backbones import add_extraction_args
 from ..config import load_experiment, run_dir
 from ..recipe import PROJECTION_WIDTH, RECIPES
 from ..training import TrainOptions, interrupted_note, run
 from ..progress import on_interrupt
 from ..seeding import seed_arg
-from .flags import add_precision_args, options_from_flags, resolve_model_flags
+from .flags import add_extraction_args, add_precision_args, options_from_flags, resolve_model_flags
 
 
 def add_args(parser):
