@@ -79,14 +79,18 @@ def image_to_rgb(im: Image.Image, path: str = "<image>") -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+# What Pillow raises for a file it cannot read as an image; DecompressionBombError: a header claiming more pixels
+# than Pillow's safety limit (its message says how many).
+UNREADABLE_IMAGE = (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError)
+
+
 def read_image(path: str) -> np.ndarray:
     """uint8 [H, W, 3] of the image file at `path` (see image_to_rgb); an unreadable file is a ValueError
     naming it."""
     try:
         with Image.open(path) as im:
             return image_to_rgb(im, path)
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        # DecompressionBombError: a header claiming more pixels than Pillow's safety limit; its message says how many.
+    except UNREADABLE_IMAGE as e:
         raise ValueError(f"cannot read image {path!r}: {e}") from None
 
 
@@ -98,7 +102,7 @@ def readable_paths(paths: list) -> list:
         try:
             with Image.open(path):
                 kept.append(path)
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        except UNREADABLE_IMAGE as e:
             print(f"skipped {path!r}: {e}", file=sys.stderr)
     return kept
 

@@ -27,10 +27,10 @@ from .class_info import class_table
 from .config import check_paths, experiment_suffix, run_dir
 from .data import list_images, load_labelled_folder, resize_image, resize_label, synthetic_dataset_path
 from .deeplab import EXPERIMENT_NAME, build_deeplab
-from .evaluate import ConfusionMatrix, iou_metrics
-from .fingerprint import data_sha256, file_sha256
 from .device import distributed
+from .evaluate import ConfusionMatrix, iou_metrics
 from .files import atomic_torch_save, atomic_write_json, check_settings, check_writable
+from .fingerprint import data_sha256, file_sha256
 from .progress import progress_bar
 from .seeding import derive_seed, seed_everything
 

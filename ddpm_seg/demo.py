@@ -18,12 +18,12 @@ from guided_diffusion.script_util import model_and_diffusion_defaults
 
 from .config import load_experiment, run_dir
 from .data import read_image
+from .ddpm_training import doubling_step, train_ddpm, train_ddpm_defaults
 from .demo_data import generate_demo_dataset
 from .evaluate import ConfusionMatrix
-from .ddpm_training import doubling_step, train_ddpm, train_ddpm_defaults
+from .files import atomic_path, atomic_write_json
 from .training import TrainOptions
 from .training import run as run_interpreter
-from .files import atomic_path, atomic_write_json
 from .visualize import colorize, save_panels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .files import (WRITE_ERRNOS, WriteError, atomic_write_json, check_writable, format_bytes, free_bytes,
-                     read_json_object, write_error)
+                    read_json_object, write_error)
 
 META_FILE = "meta.json"
 LAYOUT = "NHWC-by-resolution"

@@ -29,11 +29,11 @@ from .backbones import (EXTRACT_DTYPES, backbone, create_feature_extractor, extr
 from .class_info import class_table
 from .config import validate_experiment
 from .data import image_to_rgb, read_image, resize_image
+from .device import resolve_device
 from .ensemble import MLPEnsemble, predict_logits
 from .evaluate import ConfusionMatrix, image_uncertainty_score, iou_metrics, majority_vote, uncertainty_map
-from .fingerprint import path_sha256, short
-from .device import resolve_device
 from .files import atomic_save_npy, read_json_object
+from .fingerprint import path_sha256, short
 from .progress import progress_bar
 from .visualize import save_mask_png, save_prediction_picture, save_segmentation_picture
 

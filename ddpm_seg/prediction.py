@@ -17,10 +17,10 @@ from PIL import Image
 
 from .data import IMAGE_EXTENSIONS, is_hidden, list_images, read_image
 from .deeplab import DeepLabSegmenter
-from .fingerprint import file_sha256, files_sha256, path_sha256
-from .interpreter import Interpreter, member_path
 from .device import resolve_device
 from .files import append_line, atomic_path, atomic_save_npy, check_writable, folder_lock
+from .fingerprint import file_sha256, files_sha256, path_sha256
+from .interpreter import Interpreter, member_path
 from .progress import progress_bar
 from .visualize import heatmap, save_contact_sheet, save_mask_png, save_segmentation_picture
 

@@ -19,18 +19,18 @@ from .backbones import (backbone, create_feature_extractor, dtype_name, extract_
                         memory_per_image)
 from .config import check_paths
 from .data import load_split
+from .device import resolve_device
 from .ensemble import MLPEnsemble
 from .evaluate import ConfusionMatrix
 from .feature_store import FeatureStore
+from .files import atomic_path, check_settings, check_writable
 from .fingerprint import data_sha256, path_sha256
 from .interpreter import segment_maps
+from .progress import progress_bar
 from .recipe import make_recipe, train_members
+from .seeding import seed_everything
 from .training import (AUTOCAST, STORE_DTYPES, TrainOptions, extract_training_store, resolve_autocast,
                        store_dtype_name, training_sampler)
-from .device import resolve_device
-from .files import atomic_path, check_settings, check_writable
-from .progress import progress_bar
-from .seeding import seed_everything
 from .visualize import heatmap
 
 CSV_COLUMNS = ("step", "block", "channels", "resolution", "miou")

@@ -18,10 +18,10 @@ from guided_diffusion.script_util import create_gaussian_diffusion, diffusion_de
 from .backbones import dtype_name, extract_dtype
 from .config import check_paths, run_dir
 from .data import synthetic_dataset_path
-from .fingerprint import files_sha256, path_sha256
-from .interpreter import Interpreter, member_path, run_extract_dtype
 from .device import distributed
 from .files import atomic_path, atomic_write_json, check_settings, check_writable, folder_lock
+from .fingerprint import files_sha256, path_sha256
+from .interpreter import Interpreter, member_path, run_extract_dtype
 from .progress import on_interrupt, progress_bar
 from .seeding import derive_seed
 

@@ -20,14 +20,14 @@ from .backbones import (create_feature_extractor, dtype_name, extract_batch_size
                         memory_per_image)
 from .config import check_paths, run_dir
 from .data import load_split
+from .device import available_memory_bytes, fast_bf16, resolve_device
 from .ensemble import MLPEnsemble
 from .feature_store import FeatureStore, PixelSampler
+from .files import atomic_write_json, check_settings, check_writable, read_json_object
 from .fingerprint import data_sha256, path_sha256, short
 from .interpreter import SETTINGS_NAME, Interpreter, evaluate, member_path
-from .recipe import FAST_EPOCHS, PROJECTION_WIDTH, make_recipe, train_members
-from .device import available_memory_bytes, fast_bf16, resolve_device
-from .files import atomic_write_json, check_settings, check_writable, read_json_object
 from .progress import progress_bar
+from .recipe import FAST_EPOCHS, PROJECTION_WIDTH, make_recipe, train_members
 from .seeding import seed_everything
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}

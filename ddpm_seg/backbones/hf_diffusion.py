@@ -335,9 +335,6 @@ def latent_shape(parts: dict, image_size) -> tuple:
     return parts["vae"].config.latent_channels, -(-h // factor), -(-w // factor)
 
 
-DTYPE_NAMES = tuple(DTYPES)
-
-
 def check_config(cfg, path):
     """blocks name denoiser modules, read in the order given; the checks against the model come when it loads."""
     blocks = cfg["blocks"]
@@ -346,8 +343,8 @@ def check_config(cfg, path):
     repeated = sorted({b for b in blocks if blocks.count(b) > 1})
     if repeated:
         raise ValueError(f"{path}: 'blocks' lists {repeated} more than once")
-    if cfg.get("dtype", "float32") not in DTYPE_NAMES:
-        raise ValueError(f"{path}: 'dtype' must be one of {list(DTYPE_NAMES)}, got {cfg['dtype']!r}")
+    if cfg.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"{path}: 'dtype' must be one of {list(DTYPES)}, got {cfg['dtype']!r}")
 
 
 # prompt: the text the denoiser is conditioned on (default empty); dtype: the precision the pipeline runs in.

@@ -9,8 +9,8 @@ import torch
 
 from ..ensemble import PAPER_BATCH, MLPEnsemble, member_seed, predict_logits
 from ..evaluate import ConfusionMatrix, majority_vote
-from ..projection import projected_trainee
 from ..progress import progress_bar
+from ..projection import projected_trainee
 from .harness import IGNORE_LABEL, run_isolated, store_dtype
 from .original import original_member, original_training_set, predict_original, train_original_member
 from .store import build_store

@@ -10,8 +10,8 @@ import torch
 
 from ..ensemble import PAPER_BATCH, MLPEnsemble, member_seed, train_ensemble
 from ..feature_store import PixelSampler
-from ..projection import projected_trainee
 from ..progress import progress_bar
+from ..projection import projected_trainee
 from .extraction import e2e_features, e2e_layout
 from .harness import GB, IGNORE_LABEL, WARMUP_STEPS, bf16_matmuls, run_isolated
 from .original import original_at_n, original_member, original_training_set, train_original_member

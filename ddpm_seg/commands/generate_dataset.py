@@ -28,8 +28,8 @@ import sys
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
 from ..config import load_experiment
-from ..synthetic_data import GenerateOptions, generate_dataset, sampling_options
 from ..seeding import seed_arg
+from ..synthetic_data import GenerateOptions, generate_dataset, sampling_options
 from .flags import add_extraction_args, options_from_flags, resolve_model_flags
 
 

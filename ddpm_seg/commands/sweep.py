@@ -23,8 +23,8 @@ from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffus
 from ..backbones import backbone
 from ..config import load_experiment
 from ..recipe import RECIPES
-from ..sweep import SweepOptions, best_cell, format_table, run_sweep, save_heatmap, write_csv
 from ..seeding import seed_arg
+from ..sweep import SweepOptions, best_cell, format_table, run_sweep, save_heatmap, write_csv
 from .flags import add_extraction_args, add_precision_args, options_from_flags, resolve_model_flags
 
 

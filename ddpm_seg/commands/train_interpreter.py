@@ -12,10 +12,10 @@ import numpy as np
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
 from ..config import load_experiment, run_dir
-from ..recipe import PROJECTION_WIDTH, RECIPES
-from ..training import TrainOptions, interrupted_note, run
 from ..progress import on_interrupt
+from ..recipe import PROJECTION_WIDTH, RECIPES
 from ..seeding import seed_arg
+from ..training import TrainOptions, interrupted_note, run
 from .flags import add_extraction_args, add_precision_args, options_from_flags, resolve_model_flags
 
 
