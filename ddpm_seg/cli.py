@@ -16,11 +16,14 @@ COMMANDS = {
     "train-ddpm": ("train_ddpm", "train a guided-diffusion DDPM on a folder of unlabelled images"),
     "generate-dataset": ("generate_dataset", "DatasetDDPM: sample the DDPM, label the samples with the ensemble (.npz)"),
     "train-deeplab": ("train_deeplab", "train DeepLabV3 on a DatasetDDPM/DatasetGAN .npz, evaluate mIoU on real images"),
+    "distill": ("distill", "a fast student network trained on unlabelled images that a trained interpreter labels"),
     "sweep": ("sweep", "mIoU of a light interpreter per (step, block) on cached activations: heat-map + CSV"),
     "bench": ("bench", "memory and speed benchmark: feature store, ensemble training, prediction, end to end, "
                        "diffusers backbones (--phases)"),
     "download": ("download", "fetch datasets and checkpoints with resume and checksum verification"),
     "report": ("report", "collect finished runs' metrics.json into a mean ± std table (markdown + CSV)"),
+    "export": ("export", "a distilled student (or train-deeplab checkpoint) as ONNX, checked against PyTorch with "
+                         "onnxruntime"),
 }
 
 

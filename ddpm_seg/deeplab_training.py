@@ -26,7 +26,7 @@ from .backbones import image_tensor
 from .class_info import class_table
 from .config import check_paths, experiment_suffix, run_dir
 from .data import list_images, load_labelled_folder, resize_image, resize_label, synthetic_dataset_path
-from .deeplab import EXPERIMENT_NAME, build_deeplab
+from .deeplab import EXPERIMENT_NAME, build_deeplab, cpu_state
 from .device import distributed
 from .evaluate import ConfusionMatrix, iou_metrics
 from .files import atomic_torch_save, atomic_write_json, check_settings, check_writable
@@ -174,6 +174,64 @@ def check_options(cfg, exp_path, opts):
         raise ValueError(f"--num_epoch must be >= 1 and --max_data >= 0, got {opts.num_epoch}, {opts.max_data}")
 
 
+def fit(model, dataset, opts, last_path, save_best, validate, ignore_label, rank, world_size, device) -> dict:
+    """Train `model` (already on `device`, the same initial weights on every rank) on `dataset` of (image, label)
+    pairs with Adam and cross-entropy for opts.num_epoch epochs (opts: seed, learning_rate, batch_size per
+    process, num_epoch, num_workers), with DistributedDataParallel when world_size > 1. After every epoch rank
+    0 scores the model with validate() (a mIoU; None: no validation set, so the last epoch is the best), calls
+    save_best() when it is the best so far and writes the training state to last_path, from which a stopped
+    run resumes. Each epoch's data order and dropout are functions of (seed, epoch, rank), so a resumed run
+    trains as an uninterrupted one. Returns {epoch, best_val_miou, best_epoch, val_history}."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=opts.learning_rate)
+    state = {"epoch": -1, "best_val_miou": -1.0, "best_epoch": -1, "val_history": []}
+    if os.path.isfile(last_path):
+        ckpt = safe_load(last_path, "training checkpoint")
+        model.load_state_dict(ckpt["model_state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        state = {k: ckpt[k] for k in state}
+        if rank == 0:
+            print(f"resuming after epoch {state['epoch']} from {last_path}")
+    net = model
+    if world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=opts.seed,
+                                 drop_last=True)
+    loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=opts.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=opts.num_workers > 0)  # not restarted every epoch
+    if len(loader) == 0:
+        raise ValueError(f"{len(dataset)} training samples after filtering are fewer than one batch of "
+                         f"{opts.batch_size} per process over {world_size} process(es)")
+    for epoch in range(state["epoch"] + 1, opts.num_epoch):
+        sampler.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(opts.seed, epoch, rank))  # dropout: the same on resume
+        net.train()
+        bar = progress_bar(loader, desc=f"epoch {epoch}", disable=rank != 0)
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(net(x)["out"], y, ignore_index=ignore_label)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if rank == 0:
+            val_miou = validate()
+            state["epoch"] = epoch
+            if val_miou is None or val_miou > state["best_val_miou"]:
+                state.update(best_val_miou=-1.0 if val_miou is None else val_miou, best_epoch=epoch)
+                save_best()
+            if val_miou is not None:
+                state["val_history"].append(val_miou)
+            atomic_torch_save({"model_state_dict": cpu_state(model), "optimizer_state_dict": optimizer.state_dict(),
+                               **state}, last_path)
+            print(f"epoch {epoch}: " + ("no validation images" if val_miou is None else
+                  f"validation mIoU {100 * val_miou:.2f} (best {100 * state['best_val_miou']:.2f}, "
+                  f"epoch {state['best_epoch']})"))
+        if world_size > 1:
+            dist.barrier()
+    return state
+
+
 def train_deeplab(cfg, exp_path, opts: DeepLabOptions) -> dict:
     """Train (or resume) on the experiment cfg (loaded from exp_path), pick the best validation epoch, test it;
     returns the metrics written to metrics.json ({} on every process but rank 0)."""
@@ -213,57 +271,15 @@ def _run(cfg, opts, rank, world_size, device):
 
     seed_everything(opts.seed)  # the same initial weights on every rank
     model = build_deeplab(opts.backbone, num_classes, opts.backbone_weights).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=opts.learning_rate)
-    last_path, best_path = os.path.join(folder, "deeplab_last.pth"), os.path.join(folder, "deeplab_best.pth")
-    state = {"epoch": -1, "best_val_miou": -1.0, "best_epoch": -1, "val_history": []}
-    if os.path.isfile(last_path):
-        ckpt = safe_load(last_path, "DeepLab checkpoint")
-        model.load_state_dict(ckpt["model_state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-        state = {k: ckpt[k] for k in state}
-        if rank == 0:
-            print(f"resuming after epoch {state['epoch']} from {last_path}")
-    net = model
-    if world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
+    best_path = os.path.join(folder, "deeplab_best.pth")
     dataset = SyntheticSegmentationDataset(images, labels, keep, res)
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=opts.seed,
-                                 drop_last=True)
-    loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=opts.num_workers, pin_memory=device.type == "cuda")
-    if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} training samples after filtering are fewer than one batch of "
-                         f"{opts.batch_size} per process over {world_size} process(es)")
     if rank == 0:
         print(f"{len(keep)} of {len(scores)} synthetic samples kept; {len(val_items)} validation and "
               f"{len(test_items)} test images at {res}x{res}; run folder {folder}")
-
-    for epoch in range(state["epoch"] + 1, opts.num_epoch):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(epoch_seed(opts.seed, epoch, rank))  # dropout: the same on resume
-        net.train()
-        bar = progress_bar(loader, desc=f"epoch {epoch}", disable=rank != 0)
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(net(x)["out"], y, ignore_index=ignore)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if rank == 0:
-            val_miou = evaluate_deeplab(model, val_items, num_classes, ignore, opts.eval_batch_size).miou()
-            state["val_history"].append(val_miou)
-            state["epoch"] = epoch
-            if val_miou > state["best_val_miou"]:
-                state.update(best_val_miou=val_miou, best_epoch=epoch)
-                atomic_torch_save({"model_state_dict": _cpu_state(model)}, best_path)
-            atomic_torch_save({"model_state_dict": _cpu_state(model), "optimizer_state_dict": optimizer.state_dict(),
-                               **state}, last_path)
-            print(f"epoch {epoch}: validation mIoU {100 * val_miou:.2f} (best {100 * state['best_val_miou']:.2f}, "
-                  f"epoch {state['best_epoch']})")
-        if world_size > 1:
-            dist.barrier()
+    state = fit(model, dataset, opts, os.path.join(folder, "deeplab_last.pth"),
+                lambda: atomic_torch_save({"model_state_dict": cpu_state(model)}, best_path),
+                lambda: evaluate_deeplab(model, val_items, num_classes, ignore, opts.eval_batch_size).miou(),
+                ignore, rank, world_size, device)
     if rank != 0:
         return {}
 
@@ -289,6 +305,3 @@ def _run(cfg, opts, rank, world_size, device):
           f"  ({folder})")
     return metrics
 
-
-def _cpu_state(model):
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}

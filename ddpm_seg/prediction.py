@@ -1,31 +1,38 @@
-"""Segmenting new images with a trained interpreter or a train-deeplab checkpoint: the inputs (files, folders,
-globs), one output folder per kind of output, the journal a stopped run resumes from, predictions.csv and the
---suggest pick of the most uncertain images. `ddpm-seg predict` runs it; its help describes the outputs.
+"""Segmenting new images with a trained interpreter, a distilled student (PyTorch or ONNX) or a train-deeplab
+checkpoint: the inputs (files, folders,
+globs), one output folder per kind of output, the journals a stopped run resumes from, predictions.csv and the
+--suggest pick of the most uncertain images, in one process or shared over the ranks of a torchrun job.
+`ddpm-seg predict` runs it; its help describes the outputs.
 """
 
+import contextlib
 import csv
 import glob
 import heapq
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
+import torch.distributed as dist
 from PIL import Image
 
 from .data import IMAGE_EXTENSIONS, is_hidden, list_images, read_image
-from .deeplab import DeepLabSegmenter
-from .device import resolve_device
+from .deeplab import STUDENT_NAME, NetworkSegmenter, is_student_folder
+from .device import distributed
 from .files import append_line, atomic_path, atomic_save_npy, check_writable, folder_lock
 from .fingerprint import file_sha256, files_sha256, path_sha256
 from .interpreter import Interpreter, member_path
+from .onnx_export import OnnxSegmenter
 from .progress import progress_bar
 from .visualize import heatmap, save_contact_sheet, save_mask_png, save_segmentation_picture
 
 SUGGEST_THUMBNAIL = 128  # pixels, the longer side of a contact-sheet thumbnail
-JOURNAL_NAME = ".predict_journal.jsonl"
+JOURNAL_NAME = ".predict_journal.jsonl"  # rank 0's (and a one-process run's); rank r > 0: .predict_journal.<r>.jsonl
+JOURNAL_PATTERN = re.compile(r"\.predict_journal(\.\d+)?\.jsonl")
 
 
 @dataclass(frozen=True)
@@ -33,8 +40,9 @@ class PredictOptions:
     """What predict segments, with which model, and what it writes: predict's flags, typed, with their defaults."""
     inputs: Tuple[str, ...]  # image files, folders (searched recursively) or globs
     out_dir: str  # the output folder
-    run_dir: Optional[str] = None  # a train-interpreter run folder (this or deeplab)
-    deeplab: Optional[str] = None  # a train-deeplab checkpoint (this or run_dir)
+    run_dir: Optional[str] = None  # a train-interpreter run folder or a distill student folder (or deeplab, onnx)
+    deeplab: Optional[str] = None  # a train-deeplab checkpoint
+    onnx: Optional[str] = None  # a student exported by `ddpm-seg export`
     exp: Optional[str] = None  # with deeplab: its experiment config (None: the experiment.json beside it)
     model_path: Optional[str] = None  # with run_dir: the backbone checkpoint (None: the one the run recorded)
     device: str = "auto"  # auto | cpu | cuda[:i]
@@ -153,10 +161,14 @@ def input_stamp(path) -> list:
 
 
 def run_header(opts: PredictOptions, segmenter) -> dict:
-    """What the outputs depend on: the model by content (DeepLab checkpoint, or the members and the backbone
-    checkpoint), its config and the output options."""
+    """What the outputs depend on: the model by content (a DeepLab, ONNX or student file, or an interpreter's
+    members and backbone checkpoint), its config and the output options."""
     if opts.deeplab:
         model = {"deeplab_sha256": file_sha256(opts.deeplab)}
+    elif opts.onnx:
+        model = {"onnx_sha256": file_sha256(opts.onnx)}
+    elif is_student_folder(opts.run_dir):
+        model = {"student_sha256": file_sha256(os.path.join(opts.run_dir, STUDENT_NAME))}
     else:
         members = [member_path(opts.run_dir, m) for m in range(segmenter.cfg.model_num)]
         model = {"members_sha256": files_sha256(members),
@@ -165,14 +177,25 @@ def run_header(opts: PredictOptions, segmenter) -> dict:
             "uncertainty": opts.uncertainty}
 
 
-def read_journal(path, header) -> dict:
-    """{(image path, stem): row} of a journal written with the same header; {} when there is none or it
+def journal_path(out_dir, rank) -> str:
+    """Rank 0 keeps the journal a one-process run writes; every other rank its own, so no two processes append to
+    one file."""
+    return os.path.join(out_dir, JOURNAL_NAME if rank == 0 else f".predict_journal.{rank}.jsonl")
+
+
+def journal_paths(out_dir) -> list:
+    """Every journal in --out: this run's ranks' and those an earlier run with more processes left."""
+    return sorted(os.path.join(out_dir, name) for name in os.listdir(out_dir) if JOURNAL_PATTERN.fullmatch(name))
+
+
+def read_journal(path, header) -> Optional[dict]:
+    """{(image path, stem): [rows]} of a journal written with the same header; None when there is none or it
     belongs to another model or options. A last line cut short by a kill is ignored."""
     try:
         with open(path) as f:
             lines = f.read().split("\n")
     except FileNotFoundError:
-        return {}
+        return None
     records = []
     for line in lines:
         try:
@@ -180,8 +203,43 @@ def read_journal(path, header) -> dict:
         except ValueError:
             continue
     if not records or records[0] != json.loads(json.dumps(header)):
-        return {}
-    return {(r["image"], r["stem"]): r for r in records[1:]}
+        return None
+    rows = {}
+    for r in records[1:]:
+        rows.setdefault((r["image"], r["stem"]), []).append(r)
+    return rows
+
+
+def earlier_row(opts: PredictOptions, rows, path, stem) -> Optional[dict]:
+    """Of the journal rows of an input, the one of the input as it is now (same size, modification time and
+    content), when all its outputs are still there; else None."""
+    if not rows or not outputs_present(opts, stem):
+        return None
+    stamp = input_stamp(path)
+    return next((row for row in rows if row.get("input") == stamp), None)
+
+
+def start_journals(opts: PredictOptions, header, rank, world_size) -> dict:
+    """Read every journal of this header in --out and make sure this rank's has the header; returns
+    {(image path, stem): [rows]} of them all."""
+    own = journal_path(opts.out_dir, rank)
+    if rank == 0 and read_journal(own, header) is None:
+        # Its journal has another header or none: so had the last run here, which may have overwritten outputs
+        # that other ranks' journals of a run before it still list. Rank 0's journal gets this header only after
+        # the barrier, so a run killed in between clears what is left the next time.
+        for path in journal_paths(opts.out_dir):
+            os.remove(path)
+    if world_size > 1:
+        dist.barrier()  # the others start once rank 0 holds the folder lock and has cleared another run's journals
+    journals = {path: read_journal(path, header) for path in journal_paths(opts.out_dir)}
+    if journals.get(own) is None:
+        with atomic_path(own) as tmp, open(tmp, "w") as f:
+            f.write(json.dumps(header) + "\n")
+    done = {}
+    for rows in journals.values():
+        for key, listed in (rows or {}).items():
+            done.setdefault(key, []).extend(listed)
+    return done
 
 
 def outputs_present(opts: PredictOptions, stem) -> bool:
@@ -196,53 +254,85 @@ def read_labels(opts: PredictOptions, stem) -> np.ndarray:
         return np.asarray(mask)
 
 
+def load_segmenter(opts: PredictOptions, device):
+    """The model of --deeplab, --onnx or --run_dir (a student folder or an interpreter's run folder), on `device`."""
+    if opts.deeplab:
+        return NetworkSegmenter.load_deeplab(opts.deeplab, opts.exp, device)
+    if opts.onnx:
+        return OnnxSegmenter.load(opts.onnx)
+    if is_student_folder(opts.run_dir):
+        return NetworkSegmenter.load_student(opts.run_dir, device)
+    # One backbone forward per batch of inputs.
+    return Interpreter.load(opts.run_dir, opts.model_path, device, extract_batch=opts.batch_size)
+
+
 def predict(opts: PredictOptions) -> dict:
-    """Segment every input (see segment_inputs), holding a lock on the output folder."""
+    """Segment every input (see segment_inputs), in one process or as one rank of a torchrun job; rank 0 holds
+    a lock on the output folder."""
     if opts.batch_size < 1 or opts.suggest < 0:
         raise ValueError(f"--batch_size must be >= 1 and --suggest >= 0, got {opts.batch_size}, {opts.suggest}")
     if opts.exp and not opts.deeplab:
         raise ValueError("--exp goes with --deeplab; a --run_dir holds its own config")
-    if opts.model_path and not opts.run_dir:
-        raise ValueError("--model_path goes with --run_dir (the DDPM backbone); a DeepLab needs none")
+    if opts.model_path and (not opts.run_dir or is_student_folder(opts.run_dir)):
+        raise ValueError("--model_path goes with an interpreter's --run_dir (its backbone); a student or DeepLab "
+                         "needs none")
     check_writable(opts.out_dir)
     inputs = collect_inputs(opts.inputs, opts.out_dir)
-    if opts.deeplab:
-        segmenter = DeepLabSegmenter.load(opts.deeplab, opts.exp, resolve_device(opts.device))
-    else:
-        # One backbone forward per batch of inputs.
-        segmenter = Interpreter.load(opts.run_dir, opts.model_path, opts.device, extract_batch=opts.batch_size)
-    os.makedirs(opts.out_dir, exist_ok=True)  # only once the inputs and the model are known to be good
-    with folder_lock(opts.out_dir, "predict"):
-        return segment_inputs(opts, inputs, segmenter)
+    with distributed(opts.device) as (rank, world_size, device):
+        segmenter = load_segmenter(opts, device)
+        os.makedirs(opts.out_dir, exist_ok=True)  # only once the inputs and the model are known to be good
+        with folder_lock(opts.out_dir, "predict") if rank == 0 else contextlib.nullcontext():
+            return segment_inputs(opts, inputs, segmenter, rank, world_size)
 
 
-def segment_inputs(opts: PredictOptions, inputs, segmenter) -> dict:
-    """Segment every input; returns {"rows": per image (input order), "failed": [(path, reason)],
-    "suggested": [paths], "seconds", "images_per_s"}."""
-    journal_path, header = os.path.join(opts.out_dir, JOURNAL_NAME), run_header(opts, segmenter)
-    done = read_journal(journal_path, header)
-    if not done:
-        with atomic_path(journal_path) as tmp, open(tmp, "w") as f:
-            f.write(json.dumps(header) + "\n")
-    rows = {}
-    for i, (path, stem) in enumerate(inputs):
-        row = done.get((path, stem))
-        if row and outputs_present(opts, stem) and row.get("input") == input_stamp(path):
+def gathered(obj, world_size) -> list:
+    """`obj` of every rank, in rank order."""
+    if world_size == 1:
+        return [obj]
+    objs = [None] * world_size
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def segment_inputs(opts: PredictOptions, inputs, segmenter, rank=0, world_size=1) -> dict:
+    """Segment every input not done already (see start_journals), as rank `rank` of `world_size` processes:
+    input i is this rank's when i % world_size == rank. Returns on every rank {"rows": per image segmented, now
+    or before (input order), "failed": [(path, reason)] of all ranks, "suggested": [paths], "seconds",
+    "images_per_s" (None on ranks other than 0)}; rank 0 alone writes predictions.csv and the --suggest files,
+    and prints the summary."""
+    if world_size > 1:
+        # Every rank collected the inputs itself: a folder that grew meanwhile could have given them other lists.
+        shared = [inputs]
+        dist.broadcast_object_list(shared, src=0)
+        inputs = shared[0]
+    header = run_header(opts, segmenter)
+    journal = journal_path(opts.out_dir, rank)
+    done = start_journals(opts, header, rank, world_size)
+    rows, todo = {}, []
+    for i in range(rank, len(inputs), world_size):
+        path, stem = inputs[i]
+        row = earlier_row(opts, done.get((path, stem)), path, stem)
+        if row:
             rows[i] = row
-    todo = [(i, path, stem) for i, (path, stem) in enumerate(inputs) if i not in rows]
-    if rows:
-        print(f"{len(rows)} of {len(inputs)} images were segmented by an earlier run with this model and options "
-              f"(listed in {journal_path}); segmenting the other {len(todo)}")
-    failed = []
+        else:
+            todo.append((i, path, stem))
+    earlier = sum(gathered(len(rows), world_size))
+    if earlier and rank == 0:
+        journals = journal_paths(opts.out_dir)
+        listed = journals[0] if len(journals) == 1 else os.path.join(opts.out_dir, ".predict_journal*.jsonl")
+        print(f"{earlier} of {len(inputs)} images were segmented by an earlier run with this model and options "
+              f"(listed in {listed}); segmenting the other {len(inputs) - earlier}")
+    failed = []  # (input index, path, reason)
     start = time.time()
-    bar = progress_bar(total=len(todo), unit="img", desc="predict")
+    bar = progress_bar(total=len(todo), unit="img", desc="predict (rank 0)" if world_size > 1 else "predict",
+                       disable=rank != 0)
     for begin in range(0, len(todo), opts.batch_size):
         batch = []
         for i, path, stem in todo[begin:begin + opts.batch_size]:
             try:
                 batch.append((i, path, stem, read_image(path)))
             except ValueError as e:
-                failed.append((path, str(e)))
+                failed.append((i, path, str(e)))
                 bar.write(f"skipped {path}: {e}")
                 bar.update(1)
         results = segmenter.segment([image for _, _, _, image in batch]) if batch else []
@@ -253,33 +343,45 @@ def segment_inputs(opts: PredictOptions, inputs, segmenter) -> dict:
             rows[i] = {"image": path, "stem": stem, "input": stamp, "width": image.shape[1],
                        "height": image.shape[0], "score": score, "shares": (shares / labels.size).tolist()}
             # Written after the image's outputs: a listed image is complete.
-            append_line(journal_path, json.dumps(rows[i]))
+            append_line(journal, json.dumps(rows[i]))
             bar.update(1)
     bar.close()
+    # The rows travel with the failures, so no rank reads the others' journals again (nor hashes their inputs).
+    parts = gathered((rows, failed, len(todo)), world_size)
     seconds = time.time() - start
-    segmented = len(todo) - len(failed)
+    rows = {i: row for part, _, _ in parts for i, row in part.items()}
     rows = [rows[i] for i in sorted(rows)]  # input order
-    top = []  # heap of the --suggest most uncertain: (score, -index, path, image, labels thumbnails)
-    for i, row in enumerate(rows if opts.suggest else []):
-        entry = (row["score"], -i, row["image"])
-        if len(top) < opts.suggest or entry[:2] > top[0][:2]:
-            entry += (thumbnail(read_image(row["image"]), Image.BILINEAR),
-                      thumbnail(read_labels(opts, row["stem"]), Image.NEAREST))
-            (heapq.heappush if len(top) < opts.suggest else heapq.heappushpop)(top, entry)
-    write_csv(os.path.join(opts.out_dir, "predictions.csv"), rows, segmenter.class_names)
-    suggested = sorted(top, reverse=True)  # highest score first; among equal scores, input order
-    if opts.suggest:
-        with atomic_path(os.path.join(opts.out_dir, "suggest.txt")) as tmp, \
-                open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.writelines(path + "\n" for _, _, path, _, _ in suggested)
-        save_contact_sheet(os.path.join(opts.out_dir, "suggest.png"),
-                           [(f"{i + 1}. {score:.4f} {os.path.basename(path)}", image, labels)
-                            for i, (score, _, path, image, labels) in enumerate(suggested)],
-                           segmenter.palette, segmenter.class_names, side=SUGGEST_THUMBNAIL)
+    failed = sorted(entry for _, part, _ in parts for entry in part)
+    segmented = sum(count for _, _, count in parts) - len(failed)
+    # The --suggest most uncertain, highest score first; among equal scores, input order.
+    top = heapq.nlargest(opts.suggest, range(len(rows)), key=lambda k: (rows[k]["score"], -k))
+    suggested = [rows[k] for k in top]
     rate = segmented / seconds if segmented and seconds > 0 else None
-    print(f"{segmented} images segmented in {seconds:.1f} s" + (f": {rate:.3f} images/s" if rate else "")
-          + f"; outputs in {opts.out_dir}")
-    for path, reason in failed:
-        print(f"failed: {path}: {reason}")
-    return {"rows": rows, "failed": failed, "suggested": [path for _, _, path, _, _ in suggested],
-            "seconds": seconds, "images_per_s": rate}
+    if rank == 0:
+        write_csv(os.path.join(opts.out_dir, "predictions.csv"), rows, segmenter.class_names)
+        if opts.suggest:
+            write_suggestions(opts, suggested, segmenter)
+        print(f"{segmented} images segmented in {seconds:.1f} s" + (f": {rate:.3f} images/s" if rate else "")
+              + (f" over {world_size} processes" if world_size > 1 else "") + f"; outputs in {opts.out_dir}")
+        for _, path, reason in failed:
+            print(f"failed: {path}: {reason}")
+    if world_size > 1:
+        # The others return with rank 0: torchrun stops every process as soon as one has exited with a failure
+        # (an unreadable input), which would cut rank 0's writes short.
+        dist.barrier()
+    return {"rows": rows, "failed": [(path, reason) for _, path, reason in failed],
+            "suggested": [row["image"] for row in suggested], "seconds": seconds,
+            "images_per_s": rate if rank == 0 else None}
+
+
+def write_suggestions(opts: PredictOptions, suggested, segmenter) -> None:
+    """suggest.txt, the images' paths, and suggest.png, their contact sheet, of the rows `suggested`."""
+    with atomic_path(os.path.join(opts.out_dir, "suggest.txt")) as tmp, \
+            open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.writelines(row["image"] + "\n" for row in suggested)
+    save_contact_sheet(os.path.join(opts.out_dir, "suggest.png"),
+                       [(f"{n + 1}. {row['score']:.4f} {os.path.basename(row['image'])}",
+                         thumbnail(read_image(row["image"]), Image.BILINEAR),
+                         thumbnail(read_labels(opts, row["stem"]), Image.NEAREST))
+                        for n, row in enumerate(suggested)],
+                       segmenter.palette, segmenter.class_names, side=SUGGEST_THUMBNAIL)

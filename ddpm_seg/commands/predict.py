@@ -1,5 +1,7 @@
-"""predict: segment new images with a trained interpreter (--run_dir, a train-interpreter seed_<N> folder)
-or a train-deeplab checkpoint (--deeplab, no DDPM needed).
+"""predict: segment new images with a trained interpreter (--run_dir, a train-interpreter seed_<N> folder), a
+student distilled from one (--run_dir, a distill folder; --onnx, the student exported to ONNX) or a
+train-deeplab checkpoint (--deeplab). Students and DeepLabs need no diffusion model; their uncertainty is the
+softmax entropy of their one network.
 
 Inputs are image files, folders (searched recursively; hidden files, macOS ._* files and a folder's top-level
 labels/ are skipped) and globs. Each image, of any size and mode, is segmented at its own size: features at
@@ -18,6 +20,7 @@ input name can make one output overwrite another:
     suggest.txt, suggest.png   with --suggest K: the K images with the highest uncertainty score, most
                                uncertain first (what to label next), and a contact sheet of them
     .predict_journal.jsonl     what is done: the model and options, then one line per image written
+                               (.predict_journal.<r>.jsonl: what process r > 0 of a torchrun job did)
 A lock file in --out refuses a second predict run into the same folder at once.
 An unreadable input is named and skipped; the exit status is then 1, after all others are done.
 
@@ -26,6 +29,12 @@ modification time and sha256) and whose outputs are still there, are not segment
 the journal); so does a run over a folder that has grown. An image replaced under the same name is segmented
 again. Another model (retrained members, another checkpoint: compared by content) or other output options start
 afresh.
+
+Under torchrun the inputs are shared out over the processes (gloo on CPU, NCCL on GPU, one GPU per process):
+    torchrun --standalone --nproc_per_node N -m ddpm_seg.cli predict --run_dir R --input ... --out O
+Each input is segmented once, by one process (input i by process i mod N). The outputs are those one process
+writes: on one device type, the same number of threads per process (OMP_NUM_THREADS) gives the same float sums.
+A stopped run resumes with any number of processes, and the journals of all count.
 """
 
 import argparse
@@ -35,8 +44,10 @@ from ..prediction import PredictOptions, predict
 
 def add_args(parser):
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--run_dir", help="a train-interpreter run folder, e.g. pixel_classifiers/<ds>/ddpm/<steps_blocks>/seed_0")
+    model.add_argument("--run_dir", help="a train-interpreter run folder, e.g. pixel_classifiers/<ds>/ddpm/<steps_blocks>/seed_0, "
+                                         "or a distill student folder")
     model.add_argument("--deeplab", help="a train-deeplab checkpoint (deeplab_best.pth)")
+    model.add_argument("--onnx", help="a student exported by `ddpm-seg export` (needs the onnx extra)")
     parser.add_argument("--exp", default=PredictOptions.exp,
                         help="with --deeplab: its experiment config (default: the experiment.json train-deeplab wrote "
                              "beside the checkpoint)")
@@ -58,7 +69,8 @@ def add_args(parser):
 
 def predict_options(args) -> PredictOptions:
     return PredictOptions(inputs=tuple(args.input), out_dir=args.out, run_dir=args.run_dir, deeplab=args.deeplab,
-                          exp=args.exp, model_path=args.model_path, device=args.device, batch_size=args.batch_size,
+                          onnx=args.onnx, exp=args.exp, model_path=args.model_path, device=args.device,
+                          batch_size=args.batch_size,
                           mask_format=args.format, overlay=args.overlay, uncertainty=args.uncertainty,
                           suggest=args.suggest)
 
