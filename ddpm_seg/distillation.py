@@ -142,19 +142,42 @@ def distill(opts: DistillOptions) -> dict:
         validation_path = opts.validation_path or cfg.validation_path
         if validation_path and not os.path.isdir(validation_path):
             raise FileNotFoundError(f"validation images {validation_path!r}: no such folder")
-        os.makedirs(labels_dir, exist_ok=True)
         label_opts = PredictOptions(inputs=opts.images, out_dir=labels_dir, run_dir=opts.run_dir,
                                     model_path=opts.model_path, device=opts.device, batch_size=opts.label_batch_size,
                                     overlay=False)
+        header_model = run_header(label_opts, interpreter)["model"]
+        # Before labelling: another interpreter would relabel the student folder's labels/ before the refusal.
+        check_options_settings(opts.out_dir, student_settings(opts, header_model, resolution, validation_path))
+        # Both folders: with --labels_dir elsewhere, labelling does not create --out, whose lock comes next.
+        os.makedirs(labels_dir, exist_ok=True)
+        os.makedirs(opts.out_dir, exist_ok=True)
         start = time.time()
         with folder_lock(labels_dir, "distill") if rank == 0 else contextlib.nullcontext():
             labelled = segment_inputs(label_opts, inputs, interpreter, rank, world_size)
         label_seconds = time.time() - start
-        header_model = run_header(label_opts, interpreter)["model"]
         del interpreter  # its backbone's memory goes to the student's training
         with folder_lock(opts.out_dir, "distill") if rank == 0 else contextlib.nullcontext():
             return _train(opts, cfg, labelled, header_model, labels_dir, resolution, validation_path, label_seconds,
                           rank, world_size, device)
+
+
+def student_settings(opts, header_model, resolution, validation_path, kept=None) -> dict:
+    """What the student depends on (settings.json): the interpreter, the options and, once labelled, the kept
+    images (labels_sha256; None before labelling)."""
+    return {"interpreter": header_model,
+            "labels_sha256": None if kept is None else labelling_digest(header_model, kept),
+            "student": opts.student, "resolution": resolution, "backbone_weights": opts.backbone_weights,
+            "max_images": opts.max_images, "uncertainty_portion": opts.uncertainty_portion,
+            "validation_path": os.path.abspath(validation_path) if validation_path else None,
+            "learning_rate": opts.learning_rate, "batch_size": opts.batch_size, "seed": opts.seed}
+
+
+def check_options_settings(out_dir, settings) -> None:
+    """Refuse a student folder made with other settings, save for the labels, which are not known yet."""
+    path = os.path.join(out_dir, SETTINGS_NAME)
+    if os.path.isfile(path):
+        saved = read_json_object(path, "settings")
+        check_settings(path, {**settings, "labels_sha256": saved.get("labels_sha256")}, write=False)
 
 
 def _train(opts, cfg, labelled, header_model, labels_dir, resolution, validation_path, label_seconds, rank,
@@ -169,12 +192,8 @@ def _train(opts, cfg, labelled, header_model, labels_dir, resolution, validation
     val_items = (load_labelled_folder(validation_path, len(list_images(validation_path)), size, cfg.number_class,
                                       cfg.ignore_label, palette=class_table(cfg)[1])
                  if validation_path else [])
-    settings = {"interpreter": header_model, "labels_sha256": labelling_digest(header_model, kept),
-                "student": opts.student, "resolution": resolution, "backbone_weights": opts.backbone_weights,
-                "max_images": opts.max_images, "uncertainty_portion": opts.uncertainty_portion,
-                "validation_path": os.path.abspath(validation_path) if validation_path else None,
-                "learning_rate": opts.learning_rate, "batch_size": opts.batch_size, "seed": opts.seed}
-    check_settings(os.path.join(opts.out_dir, SETTINGS_NAME), settings, write=rank == 0)
+    check_settings(os.path.join(opts.out_dir, SETTINGS_NAME),
+                   student_settings(opts, header_model, resolution, validation_path, kept), write=rank == 0)
     if rank == 0:
         print(f"{len(kept)} of {len(rows)} labelled images kept (the {opts.uncertainty_portion:g} most uncertain "
               f"left out); student {opts.student} at {resolution}x{resolution}, {len(val_items)} validation images; "

@@ -18,7 +18,7 @@ import torch
 from .config import validate_experiment
 from .data import IMAGE_EXTENSIONS, list_images, read_image
 from .deeplab import NetworkSegmenter, softmax_entropy
-from .files import atomic_open
+from .files import atomic_open, check_writable
 from .interpreter import as_rgb, segment_logits
 
 INSTALL_HINT = "ONNX export needs the onnx extra: pip install -c constraints.txt -e '.[onnx]'"
@@ -51,8 +51,10 @@ def export_onnx(segmenter, path) -> None:
     """Write `segmenter`'s network (a NetworkSegmenter's torch model) to the ONNX file `path`, atomically, with
     its experiment config, architecture and resolution in the file's metadata."""
     _import("onnx", "onnxscript")
-    # torch.onnx.export hands the wrapper's training flag down to every submodule when it is done: a wrapper
-    # left in training mode would switch the segmenter's BatchNorm layers to training mode after the export.
+    check_writable(os.path.dirname(os.path.abspath(path)))  # before the export, which takes a while
+    # In eval mode, as the network is: torch.onnx.export warns about a wrapper in training mode, and its
+    # TorchScript path hands the wrapper's flag down to every submodule when done, which would leave the
+    # segmenter's BatchNorm layers in training mode.
     wrapper = _Logits(segmenter.model).eval()
     # A batch of 2, not 1: torch.export fixes a dimension of size 1 to the constant 1.
     example = torch.zeros(2, 3, *segmenter.resolution, device=segmenter.device)
@@ -91,7 +93,7 @@ class OnnxSegmenter(NetworkSegmenter):
         ort, = _import("onnxruntime")
         from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument, InvalidGraph, InvalidProtobuf
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path!r} does not exist (expected an .onnx file written by ddpm-seg export)")
+            raise FileNotFoundError(f"{path!r} is not a file (expected an .onnx file written by ddpm-seg export)")
         not_ours = f"{path}: not an ONNX file exported by ddpm-seg export"
         cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]

@@ -3,14 +3,19 @@ size, from the .onnx file alone; bad inputs are one line."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from ddpm_seg.cli import entry as cli_entry
+from ddpm_seg.cli import main as cli_main
+from ddpm_seg.commands import export as export_command
 from ddpm_seg.config import load_experiment
 from ddpm_seg.deeplab import NetworkSegmenter, build_network, save_student
 from ddpm_seg.onnx_export import (INSTALL_HINT, NOISE_IMAGES, OnnxSegmenter, check_export, check_images,
@@ -47,13 +52,16 @@ def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     segmenter = make_student(root / "student", request.param)
     path = str(root / "student.onnx")
-    export_onnx(segmenter, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(segmenter, path)
+    assert not [str(w.message) for w in caught if "training mode" in str(w.message)]
     return segmenter, OnnxSegmenter.load(path), path
 
 
 def test_onnx_segments_as_pytorch(exported):
     segmenter, onnx_segmenter, _ = exported
-    # The export leaves the network in eval mode (torch.onnx.export hands the wrapper's flag down to it).
+    # The export leaves the network in eval mode.
     assert not any(module.training for module in segmenter.model.modules())
     images = random_images([(30, 40), (64, 64), (47, 81)], seed=1)
     expected, got = segmenter.segment(images), onnx_segmenter.segment(images)
@@ -112,19 +120,26 @@ def test_check_images_default_to_noise_when_testing_path_has_none(tmp_path):
     assert note is None and len(read) == 1 and np.array_equal(read[0], images[0])
 
 
+def write_pngs(folder, sizes):
+    """Random images of `sizes` as PNG files in `folder`: their paths."""
+    folder.mkdir()
+    paths = [str(folder / f"{i}.png") for i in range(len(sizes))]
+    for path, image in zip(paths, random_images(sizes, seed=4)):
+        Image.fromarray(image).save(path)
+    return paths
+
+
 def run_cli(*args):
+    # One PyTorch thread, as in this process (see conftest.py): spinning threads slow small ops on a busy machine.
     return subprocess.run([sys.executable, "-m", "ddpm_seg.cli", "export", *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+                          text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
 
 
 def test_cli_exports_and_checks_with_onnxruntime(tmp_path):
     make_student(tmp_path / "student", "lraspp_mobilenet_v3")
-    (tmp_path / "check").mkdir()
-    for i, image in enumerate(random_images([(50, 70), (64, 64)], seed=4)):
-        Image.fromarray(image).save(tmp_path / "check" / f"{i}.png")
     out = tmp_path / "out"
     run = run_cli("--run_dir", tmp_path / "student", "--onnx", out / "student.onnx", "--check_images",
-                  tmp_path / "check")
+                  *write_pngs(tmp_path / "check", [(50, 70), (64, 64)]))
     assert run.returncode == 0, run.stderr[-2000:]
     line, = run.stdout.strip().splitlines()
     assert "on 2 images: 0 differing pixels, max |logit diff|" in line, line
@@ -133,18 +148,38 @@ def test_cli_exports_and_checks_with_onnxruntime(tmp_path):
     assert loaded.architecture == "lraspp_mobilenet_v3" and loaded.resolution == (RESOLUTION, RESOLUTION)
 
 
-@pytest.mark.parametrize("kind", ["train-interpreter run", "empty"])
-def test_cli_refuses_a_folder_that_is_not_a_student(tmp_path, kind):
-    run_dir = tmp_path / "seed_0"
+def test_cli_exits_1_when_labels_differ(exported, tmp_path, monkeypatch, capsys):
+    segmenter, _, path = exported
+    make_student(tmp_path / "student", segmenter.architecture, seed=1)
+    # An export that does not match the network: another student's file.
+    monkeypatch.setattr(export_command, "export_onnx", lambda segmenter, out: shutil.copyfile(path, out))
+    out = tmp_path / "student.onnx"
+    assert cli_main(["export", "--run_dir", str(tmp_path / "student"), "--onnx", str(out), "--check_images",
+                     *write_pngs(tmp_path / "check", [(40, 30)])]) == 1
+    assert re.search(r"on 1 image: [1-9]\d* differing pixels", capsys.readouterr().out)
+    assert out.is_file()
+
+
+def test_cli_refuses_a_folder_that_is_not_a_student(tmp_path):
+    run_dir = tmp_path / "seed_0"  # a train-interpreter run folder
     run_dir.mkdir()
-    if kind == "train-interpreter run":
-        (run_dir / "settings.json").write_text("{}")
-        torch.save({}, run_dir / "model_0.pth")
+    (run_dir / "settings.json").write_text("{}")
+    torch.save({}, run_dir / "model_0.pth")
     run = run_cli("--run_dir", run_dir, "--onnx", tmp_path / "out.onnx")
     assert run.returncode == 2
     line, = run.stderr.strip().splitlines()
     assert line.startswith("ddpm-seg export: error: ") and str(run_dir) in line and "not a student folder" in line
     assert not os.path.exists(tmp_path / "out.onnx")
+
+
+def test_an_empty_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    # entry(), the console script, in this process: the subprocess above shows its status reaches the shell.
+    monkeypatch.setattr(sys, "argv", ["ddpm-seg", "export", "--run_dir", str(tmp_path), "--onnx",
+                                      str(tmp_path / "out.onnx")])
+    assert cli_entry() == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("ddpm-seg export: error: ") and str(tmp_path) in line and "not a student folder" in line
+    assert os.listdir(tmp_path) == []
 
 
 def test_load_refuses_other_files_in_one_line(tmp_path):

@@ -7,6 +7,7 @@ results:
   quality           mIoU at an equal number of pixels per member
   e2e               train-interpreter end to end, the original's cost computed from measured parts
   stable_diffusion  feature sizes and extraction time of SD-1.5- and SDXL-sized diffusers UNets
+  students          prediction time of the demo interpreter beside student networks, in PyTorch and ONNX
 
 and what they share: original (the original code's classifier and recipe, the baseline), synthetic (the
 synthetic task and the paper's feature layout), extraction (the e2e UNet and the original's forward time on it),

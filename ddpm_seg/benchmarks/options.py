@@ -23,7 +23,7 @@ class BenchOptions:
     projection_width: int  # train, quality: principal directions per resolution (0: all features)
     fp32: bool  # our first-layer matmuls in float32 even where the CPU has native bfloat16
     classes: int  # classes of the synthetic task
-    predict_runs: int  # timed predictions (median reported)
+    predict_runs: int  # timed predictions (median reported); students: timed images per model
     quality_n: int  # training images of the quality check
     quality_test: int  # held-out images of the quality check
     quality_epochs: float  # passes over the training pixels per member in the quality check
@@ -32,7 +32,9 @@ class BenchOptions:
     size: int  # diffusers: image side in pixels
     steps: list  # diffusers: diffusion steps, one forward of all of them per image
     images: int  # diffusers: timed images per model and dtype
-    warmup: int  # diffusers: untimed images before them
+    warmup: int  # diffusers, students: untimed images before the timed ones
+    students: list  # students: the deeplab.NETWORKS networks timed beside the demo interpreter
+    student_res: int  # students: their input size
     seed: int
     small: bool  # a tiny layout (e2e: a tiny UNet on 32x32 images)
     quiet: bool  # only the table (and the diffusers phase's summary)

@@ -1,5 +1,5 @@
-"""`ddpm-seg bench`: peak memory and speed of our interpreter pipeline beside the original one, and the cost of
-diffusers backbones.
+"""`ddpm-seg bench`: peak memory and speed of our interpreter pipeline beside the original one, the cost of
+diffusers backbones, and the prediction time of students beside the demo's interpreter.
 
 Phases, each approach in its own fresh process so that its peak RSS (ru_maxrss, which never goes
 down) is its own:
@@ -27,6 +27,11 @@ down) is its own:
            Stable Diffusion 1.5- and SDXL-sized UNets (--archs) at random initialisation through the
            diffusers backbone, in each of --dtypes, at --size for --steps: --warmup untimed images, then
            --images timed ones, in this process on --threads threads. Nothing is downloaded.
+  students (not run by default) prediction time per image of the demo's interpreter as the demo runs it (the
+           shipped demo DDPM, its test views and members, at random member weights) beside each of --students
+           (random weights) at --student_res, in PyTorch and, with the onnx extra, in onnxruntime: the same
+           32x32 demo scenes, one per call, --warmup untimed, then the median of --predict_runs, in this process
+           on --threads threads. The ONNX rows say how far their labels and logits are from PyTorch's.
 
 Activations of store, train, predict and quality are synthetic (deterministic random maps at the chosen layout),
 so no checkpoint is needed. The original needs about 2.2 GB per 256x256 image at the paper's layout, so it runs
@@ -41,19 +46,20 @@ import os
 from functools import partial
 
 from ..backbones import EXTRACT_DTYPES
-from ..benchmarks import e2e, prediction, quality, stable_diffusion, store, training
+from ..benchmarks import e2e, prediction, quality, stable_diffusion, store, students, training
 from ..benchmarks.extraction import E2E, e2e_layout
 from ..benchmarks.harness import GB
 from ..benchmarks.options import BenchOptions
 from ..benchmarks.summary import check_targets, format_table, formulas
 from ..benchmarks.synthetic import SYNTHETIC_PHASES, layout_summary
+from ..deeplab import NETWORKS
 from ..device import cpu_model
 from ..files import atomic_write_json
 from .flags import options_from_flags
 
 # Every phase's measurement, in the order they run.
 MEASURES = {"store": store.measure, "train": training.measure, "predict": prediction.measure, "e2e": e2e.measure,
-            "quality": quality.measure, "diffusers": stable_diffusion.measure}
+            "quality": quality.measure, "diffusers": stable_diffusion.measure, "students": students.measure}
 PHASES = tuple(MEASURES)
 DEFAULT_PHASES = SYNTHETIC_PHASES
 TABLE_PHASES = SYNTHETIC_PHASES + ("e2e",)  # the phases with rows in the summary table
@@ -154,7 +160,8 @@ def build_parser():
                         help="our first-layer matmuls in float32 (float16 store) even where this CPU has native "
                              "bfloat16 (without it they are float32 anyway, as train-interpreter's --autocast auto)")
     parser.add_argument("--classes", type=positive_int, default=10, help="classes of the synthetic task")
-    parser.add_argument("--predict-runs", type=positive_int, default=3, help="timed predictions (median reported)")
+    parser.add_argument("--predict_runs", "--predict-runs", type=positive_int, default=3,
+                        help="timed predictions (median reported); students: timed images per model")
     parser.add_argument("--quality-n", type=positive_int, default=2, help="training images of the quality check")
     parser.add_argument("--quality-test", type=positive_int, default=2, help="held-out images of the quality check")
     parser.add_argument("--quality-epochs", type=positive_float, default=1.0,
@@ -168,7 +175,13 @@ def build_parser():
     parser.add_argument("--steps", type=int_list, default=[50, 150],
                         help="diffusers: diffusion steps, one forward of all of them per image (default 50,150)")
     parser.add_argument("--images", type=positive_int, default=3, help="diffusers: timed images per model and dtype")
-    parser.add_argument("--warmup", type=int_at_least(0), default=1, help="diffusers: untimed images before them")
+    parser.add_argument("--warmup", type=int_at_least(0), default=1,
+                        help="diffusers, students: untimed images before the timed ones")
+    parser.add_argument("--students", type=subset_of(tuple(NETWORKS)), default=list(students.DEFAULT_STUDENTS),
+                        help=f"students: comma list of {', '.join(NETWORKS)} "
+                             f"(default {','.join(students.DEFAULT_STUDENTS)})")
+    parser.add_argument("--student_res", "--student-res", type=int_at_least(32), default=128,
+                        help="students: their input size (images are resized to it, logits back)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true",
                         help="a tiny layout (64x64 images, 1/16 of the channels; e2e: a tiny UNet on 32x32 images)")

@@ -47,7 +47,8 @@ def main(argv):
     result = check_export(segmenter, OnnxSegmenter.load(args.onnx), images)
     if note:
         print(note)
+    checked = f"{result['images']} image" + ("s" if result["images"] != 1 else "")
     print(f"{args.onnx}: {segmenter.architecture}, {segmenter.resolution[0]}x{segmenter.resolution[1]} input; "
-          f"onnxruntime vs PyTorch on {result['images']} images: {result['pixels_differing']} differing pixels, "
+          f"onnxruntime vs PyTorch on {checked}: {result['pixels_differing']} differing pixels, "
           f"max |logit diff| {result['max_abs_logit_diff']:.3g}")
     return 1 if result["pixels_differing"] else 0
