@@ -1,16 +1,20 @@
 import json
+import statistics
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from ddpm_seg.commands import bench
 from ddpm_seg.benchmarks.extraction import E2E_SMALL, e2e_features
+from ddpm_seg.benchmarks.options import BenchOptions
 from ddpm_seg.benchmarks.original import (original_member, original_peak_formula, original_training_set,
                                           predict_original, upsample_concat)
 from ddpm_seg.benchmarks.store import build_store
 from ddpm_seg.benchmarks.summary import TARGETS, e2e_wall_target, format_table
 from ddpm_seg.benchmarks.synthetic import PAPER_BLOCKS, SMALL_CHANNELS, SyntheticTask, make_layout
+from ddpm_seg.commands.flags import options_from_flags
 from ddpm_seg.ensemble import MLPEnsemble, predict_logits, train_ensemble
 from ddpm_seg.feature_store import FeatureStore, PixelSampler
 from ddpm_seg.evaluate import majority_vote
@@ -207,3 +211,64 @@ def test_diffusers_phase_measures_each_arch_in_each_dtype(tmp_path, monkeypatch,
     assert not any(line.startswith("phase") for line in out.splitlines())
     with pytest.raises(SystemExit):
         bench.build_parser().parse_args(["--phases", "diffusers", "--archs", "sd15,nope"])
+
+
+def test_students_phase_times_the_demo_interpreter_beside_students(tmp_path, capsys):
+    """`--phases students`: the demo interpreter as the demo runs it, then a student in PyTorch and onnxruntime,
+    each timed on the same images; the speed-ups are the interpreter's time over each row's, and the ONNX
+    student labels the timed images as the PyTorch one does."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra: pip install -e '.[onnx]'")
+    path = tmp_path / "students.json"
+    bench.main(["--phases", "students", "--predict_runs", "2", "--warmup", "1", "--students", "lraspp_mobilenet_v3",
+                "--student_res", "64", "--threads", "2", "--quiet", "--json", str(path)])
+    out = capsys.readouterr().out
+    s = json.loads(path.read_text())["students"]
+    rows = s["rows"]
+    assert [(r["model"], r["runtime"]) for r in rows] == [("demo interpreter", "pytorch"),
+                                                          ("lraspp_mobilenet_v3", "pytorch"),
+                                                          ("lraspp_mobilenet_v3", "onnxruntime")]
+    # The demo experiment's interpreter: 8 test views, 10 members, on 32x32 images.
+    assert (s["interpreter_views"], s["interpreter_members"], s["image_size"]) == (8, 10, 32)
+    assert s["onnx_note"] is None and s["threads"] == 2 and s["student_res"] == 64
+    interpreter_s = rows[0]["time_s"]
+    for r in rows:
+        assert len(r["times_s"]) == 2 and min(r["times_s"]) > 0
+        assert r["time_s"] == statistics.median(r["times_s"])
+        assert r["ms_per_image"] == 1000 * r["time_s"] and r["images_per_s"] == 1 / r["time_s"]
+        assert r["speedup"] == interpreter_s / r["time_s"]
+    assert rows[0]["speedup"] == 1
+    onnx = rows[2]
+    assert onnx["label_agreement"] >= 0.999 and onnx["max_abs_logit_diff"] < 1e-3
+    table = out[out.index("prediction per 32x32 demo image"):].splitlines()
+    assert table[1].split() == ["model", "runtime", "ms/image", "images/s", "speed-up"]
+    assert [line.split()[0] for line in table[2:5]] == ["demo", "lraspp_mobilenet_v3", "lraspp_mobilenet_v3"]
+    assert not any(line.startswith("phase") for line in out.splitlines())
+
+
+def test_students_label_images_variously_and_without_onnx_say_so(monkeypatch, capsys):
+    """The random students' labels vary over an image (their BatchNorm statistics are the images'), which is
+    what makes the ONNX agreement a check; without the onnx extra the phase has PyTorch rows and says why."""
+    from ddpm_seg.benchmarks import students
+    from ddpm_seg.demo import DemoOptions, demo_config
+    from ddpm_seg.demo_data import render_scene
+    cfg, _ = demo_config(DemoOptions())
+    rng = np.random.default_rng(0)
+    images = [render_scene(rng, 32)[0] for _ in range(4)]
+    torch.manual_seed(0)
+    student = students.random_student("deeplabv3_mobilenet_v3", cfg, 64, images)
+    assert not student.model.training
+    assert all(np.unique(labels).size > 1 for labels, _, _ in student.segment(images))
+
+    # A student stands in for the interpreter, so that this checks the phase's rows, not the interpreter's time.
+    monkeypatch.setattr(students, "demo_interpreter", lambda seed: (student, "fp32"))
+    monkeypatch.setattr(students, "ONNX_MODULES", ("onnxruntime", "no_such_module_here"))
+    args = bench.build_parser().parse_args(["--phases", "students", "--predict_runs", "1", "--warmup", "0",
+                                            "--students", "lraspp_mobilenet_v3", "--student_res", "32"])
+    opts = options_from_flags(BenchOptions, args, n=1, batch=1, e2e_n=1, e2e_batch=None)
+    s = students.measure(opts, lambda *a, **k: None)
+    assert [(r["model"], r["runtime"]) for r in s["rows"]] == [("demo interpreter", "pytorch"),
+                                                               ("lraspp_mobilenet_v3", "pytorch")]
+    assert s["onnx_note"] == students.NO_ONNX and f"onnxruntime: {students.NO_ONNX}" in capsys.readouterr().out
+    for flags in (["--students", "lraspp_mobilenet_v3,nope"], ["--student_res", "16"]):
+        with pytest.raises(SystemExit):
+            bench.build_parser().parse_args(flags)

@@ -4,7 +4,10 @@ beside student networks (the ones `ddpm-seg distill` trains) in PyTorch and, wit
 The interpreter is the demo experiment's: the shipped demo DDPM with its model flags, the experiment's steps,
 blocks, test views and members, features extracted in the precision the demo extracts in (auto) and a float32
 ensemble. Its members and the students are at random initialisation: their time does not depend on their
-weights. Every model segments the same demo scenes at the demo's image size, one image per call as predict does:
+weights. A random network's BatchNorm statistics (mean 0, variance 1) do not fit its activations, which leaves
+its labels all but constant over an image; the students' are taken from other demo scenes first, so that their
+labels vary over an image as a trained network's do and the ONNX rows' agreement with PyTorch means something.
+Every model segments the same demo scenes at the demo's image size, one image per call as predict does:
 --warmup untimed images, then --predict_runs timed ones, the median reported. All in this process on --threads
 threads, onnxruntime included.
 """
@@ -30,15 +33,35 @@ DEFAULT_STUDENTS = ("lraspp_mobilenet_v3", "deeplabv3_mobilenet_v3")
 INTERPRETER = "demo interpreter"
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")  # what export_onnx and OnnxSegmenter import
 NO_ONNX = "onnx extra not installed"
+# Further demo images the students' BatchNorm statistics are taken from, in one batch: more than one, as
+# training mode needs for the 1x1 maps of DeepLabV3's pooling branch.
+CALIBRATION_IMAGES = 8
 
 
 def demo_interpreter(seed):
     """The demo experiment's interpreter on the CPU: the shipped demo DDPM with its model flags, extracting in
-    the demo's precision (auto), and the experiment's members in float32 at random initialisation."""
+    the demo's precision (auto), and the experiment's members in float32 at random initialisation; returned with
+    the name of that precision."""
     cfg, flags = demo_config(DemoOptions(seed=seed))
     extractor = create_feature_extractor(cfg, flags, "cpu", seed=seed, config_path=DEMO_EXPERIMENT, dtype="auto")
     ensemble = MLPEnsemble(cfg.dim[-1], cfg.number_class, cfg.model_num, seed=seed).eval()
     return Interpreter(cfg, extractor, ensemble), dtype_name(extract_dtype("auto", "cpu", bool(flags.get("use_fp16"))))
+
+
+def random_student(name, cfg, resolution, images):
+    """A NetworkSegmenter of network `name` at random initialisation, in eval mode, its BatchNorm statistics
+    those of its activations on `images` (one forward in training mode)."""
+    model = build_network(name, cfg.number_class)
+    segmenter = NetworkSegmenter(cfg, model, resolution, name)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # the plain average over the forwards: here, the one batch's statistics
+    model.train()
+    with torch.no_grad():
+        model(segmenter.input_tensor(images))
+    model.eval()
+    return segmenter
 
 
 def onnx_student(segmenter, path, threads):
@@ -69,12 +92,12 @@ def time_segment(segmenter, images, warmup):
     return times, np.stack(labels)
 
 
-def timing_row(model, runtime, times, interpreter_s=None) -> dict:
-    """A table row: the median seconds per image and what follows from it; speedup is the interpreter's median
-    over this one (the interpreter's own row: its median over itself)."""
+def timing_row(model, runtime, times, interpreter_s) -> dict:
+    """A table row: the median seconds per image and what follows from it, the speed-up being the interpreter's
+    median seconds over this one's."""
     median = statistics.median(times)
     return {"model": model, "runtime": runtime, "time_s": median, "times_s": times, "ms_per_image": 1000 * median,
-            "images_per_s": 1 / median, "speedup": (interpreter_s or median) / median}
+            "images_per_s": 1 / median, "speedup": interpreter_s / median}
 
 
 def format_row(r) -> str:
@@ -94,18 +117,19 @@ def measure(opts, say):
     cfg = interpreter.cfg
     rng = np.random.default_rng(opts.seed)
     images = [render_scene(rng, cfg.dim[0])[0] for _ in range(opts.warmup + opts.predict_runs)]
+    calibration = [render_scene(rng, cfg.dim[0])[0] for _ in range(CALIBRATION_IMAGES)]
     say(f"students: the demo interpreter ({len(cfg.steps)} steps x {len(cfg.blocks)} blocks, {cfg.test_views} test "
         f"views, {cfg.model_num} members, {interpreter_dtype} features) beside {', '.join(opts.students)} at "
         f"{opts.student_res}x{opts.student_res}")
     times, _ = time_segment(interpreter, images, opts.warmup)
-    rows = [timing_row(INTERPRETER, "pytorch", times)]
+    interpreter_s = statistics.median(times)
+    rows = [timing_row(INTERPRETER, "pytorch", times, interpreter_s)]
     say("  " + format_row(rows[0]))
-    interpreter_s = rows[0]["time_s"]
     onnx = all(importlib.util.find_spec(name) for name in ONNX_MODULES)
     torch.manual_seed(opts.seed)  # the students' random weights
     with tempfile.TemporaryDirectory() as tmp:
         for name in opts.students:
-            student = NetworkSegmenter(cfg, build_network(name, cfg.number_class).eval(), opts.student_res, name)
+            student = random_student(name, cfg, opts.student_res, calibration)
             times, labels = time_segment(student, images, opts.warmup)
             rows.append(timing_row(name, "pytorch", times, interpreter_s))
             say("  " + format_row(rows[-1]))
