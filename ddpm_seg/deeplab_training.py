@@ -213,7 +213,7 @@ def fit(model, dataset, opts, last_path, save_best, validate, ignore_label, rank
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # drawn at the bar's interval, not per step
         if rank == 0:
             val_miou = validate()
             state["epoch"] = epoch
