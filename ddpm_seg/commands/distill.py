@@ -35,7 +35,7 @@ import argparse
 from ..deeplab import NETWORKS
 from ..distillation import DistillOptions, distill
 from ..seeding import seed_arg
-from .flags import options_from_flags
+from .flags import add_fit_args, options_from_flags
 
 
 def add_args(parser):
@@ -59,14 +59,9 @@ def add_args(parser):
     parser.add_argument("--validation_path", default=DistillOptions.validation_path,
                         help="labelled images to pick the best epoch (default: the config's validation_path)")
     parser.add_argument("--seed", type=seed_arg, default=DistillOptions.seed)
-    parser.add_argument("--learning_rate", type=float, default=DistillOptions.learning_rate)
-    parser.add_argument("--batch_size", type=int, default=DistillOptions.batch_size, help="per process")
-    parser.add_argument("--num_epoch", type=int, default=DistillOptions.num_epoch)
-    parser.add_argument("--num_workers", type=int, default=DistillOptions.num_workers)
+    add_fit_args(parser, DistillOptions)
     parser.add_argument("--label_batch_size", type=int, default=DistillOptions.label_batch_size,
                         help="images per interpreter call while labelling")
-    parser.add_argument("--device", default=DistillOptions.device,
-                        help="auto | cpu | cuda[:i] (under torchrun: cuda:LOCAL_RANK)")
 
 
 def main(argv):

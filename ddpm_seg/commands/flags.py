@@ -32,6 +32,16 @@ def add_precision_args(parser):
                              "features are rounded to bfloat16 before the matmul anyway), else float16")
 
 
+def add_fit_args(parser, options):
+    """The training flags of a segmentation network (deeplab_training.fit), with the defaults of `options`, an
+    engine's options class (train-deeplab, distill)."""
+    parser.add_argument("--learning_rate", type=float, default=options.learning_rate, help="Adam's learning rate")
+    parser.add_argument("--batch_size", type=int, default=options.batch_size, help="images per step, per process")
+    parser.add_argument("--num_epoch", type=int, default=options.num_epoch)
+    parser.add_argument("--num_workers", type=int, default=options.num_workers, help="DataLoader worker processes")
+    parser.add_argument("--device", default=options.device, help="auto | cpu | cuda[:i] (under torchrun: cuda:LOCAL_RANK)")
+
+
 def options_from_flags(options_class, args, **given):
     """An engine's frozen options dataclass from the parsed flags of the same names; `given` sets the fields
     whose flag is named or shaped otherwise."""

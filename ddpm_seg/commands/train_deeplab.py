@@ -29,7 +29,7 @@ from ..config import load_experiment
 from ..deeplab import DEEPLABS
 from ..deeplab_training import DeepLabOptions, train_deeplab
 from ..seeding import seed_arg
-from .flags import options_from_flags
+from .flags import add_fit_args, options_from_flags
 
 
 def add_args(parser):
@@ -50,13 +50,8 @@ def add_args(parser):
     parser.add_argument("--backbone_weights", default=DeepLabOptions.backbone_weights,
                         help="torchvision ResNet state dict (e.g. resnet101-63fe2227.pth) to start the backbone from; "
                              "the original's torchvision 0.11 started from these ImageNet weights. Default: random init")
-    parser.add_argument("--learning_rate", type=float, default=DeepLabOptions.learning_rate)
-    parser.add_argument("--batch_size", type=int, default=DeepLabOptions.batch_size, help="per process")
-    parser.add_argument("--num_epoch", type=int, default=DeepLabOptions.num_epoch)
+    add_fit_args(parser, DeepLabOptions)
     parser.add_argument("--eval_batch_size", type=int, default=DeepLabOptions.eval_batch_size)
-    parser.add_argument("--num_workers", type=int, default=DeepLabOptions.num_workers)
-    parser.add_argument("--device", default=DeepLabOptions.device,
-                        help="auto | cpu | cuda[:i] (under torchrun: cuda:LOCAL_RANK)")
 
 
 def main(argv):
