@@ -5,7 +5,7 @@ folders searched recursively, globs; in its test views when its config has them)
 (default <out>/labels, as predict writes it: masks/<stem>.png, predictions.csv with each image's uncertainty
 score). The paper's filter then leaves out the --uncertainty_portion most uncertain images (0: keep all), and a
 student network learns the rest at --resolution (default: the config's deeplab_res, else its resolution
-enlarged to at least 128): Adam, cross-entropy, --num_epoch epochs. With validation images (--validation_path,
+enlarged up to 8x, to at most 256): Adam, cross-entropy, --num_epoch epochs. With validation images (--validation_path,
 or the config's validation_path) the best epoch is kept, else the last. The student is then tested on the
 config's test images as the interpreter was, beside the interpreter's own mIoU.
 
@@ -49,7 +49,8 @@ def add_args(parser):
                         help="the backbone checkpoint, replacing the path recorded in the run folder")
     parser.add_argument("--student", choices=list(NETWORKS), default=DistillOptions.student)
     parser.add_argument("--resolution", type=int, default=DistillOptions.resolution,
-                        help="the student's input size (0: deeplab_res of the config, else its resolution, >= 128)")
+                        help="the student's input size (0: the config's deeplab_res, else its resolution enlarged up to "
+                             "8x, to at most 256)")
     parser.add_argument("--backbone_weights", default=DistillOptions.backbone_weights,
                         help="torchvision classification state dict to start the student's backbone from")
     parser.add_argument("--max_images", type=int, default=DistillOptions.max_images,
