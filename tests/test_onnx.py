@@ -213,3 +213,21 @@ def test_missing_extra_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=rf"^{re.escape(INSTALL_HINT)} \(.*onnxscript"):
         export_onnx(segmenter, str(tmp_path / "never.onnx"))
     assert os.listdir(tmp_path) == []
+
+
+def test_predict_segments_with_the_onnx_file_as_with_the_student_folder(exported, tmp_path):
+    """`predict --onnx` writes the masks and uncertainty maps `predict --run_dir` writes with the student folder."""
+    segmenter, _, path = exported
+    write_pngs(tmp_path / "in", [(50, 70), (64, 64), (33, 20)])
+    student = os.path.join(os.path.dirname(path), "student")
+    for flag, model, out in (("--run_dir", student, "torch"), ("--onnx", path, "onnx")):
+        assert cli_main(["predict", flag, model, "--input", str(tmp_path / "in"), "--out", str(tmp_path / out),
+                         "--uncertainty", "--no_overlay"]) == 0
+    names = sorted(os.listdir(tmp_path / "torch" / "masks"))
+    assert len(names) == 3 and sorted(os.listdir(tmp_path / "onnx" / "masks")) == names
+    for name in names:
+        masks = [np.asarray(Image.open(tmp_path / out / "masks" / name)) for out in ("torch", "onnx")]
+        np.testing.assert_array_equal(masks[1], masks[0])
+        stem = os.path.splitext(name)[0] + ".npy"
+        np.testing.assert_allclose(np.load(tmp_path / "onnx" / "uncertainty" / stem),
+                                   np.load(tmp_path / "torch" / "uncertainty" / stem), atol=1e-4)
