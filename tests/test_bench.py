@@ -219,12 +219,9 @@ def test_students_phase_times_the_demo_interpreter_beside_students(tmp_path, cap
     student labels the timed images as the PyTorch one does."""
     pytest.importorskip("onnxruntime", reason="the onnx extra: pip install -e '.[onnx]'")
     path = tmp_path / "students.json"
-    threads = torch.get_num_threads()
-    try:
-        bench.main(["--phases", "students", "--predict_runs", "2", "--warmup", "1", "--students", "lraspp_mobilenet_v3",
-                    "--student_res", "64", "--threads", "2", "--quiet", "--json", str(path)])
-    finally:  # the phase sets this process's threads; the tests after it count on conftest's one thread
-        torch.set_num_threads(threads)
+    bench.main(["--phases", "students", "--predict_runs", "2", "--warmup", "1", "--students", "lraspp_mobilenet_v3",
+                "--student_res", "64", "--threads", "2", "--quiet", "--json", str(path)])
+    assert torch.get_num_threads() == 1  # given back: later tests compare float sums with one-thread processes
     out = capsys.readouterr().out
     s = json.loads(path.read_text())["students"]
     rows = s["rows"]

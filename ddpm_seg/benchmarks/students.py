@@ -111,8 +111,17 @@ def format_row(r) -> str:
 
 def measure(opts, say):
     """The demo interpreter, then each of --students in PyTorch and (with the onnx extra) onnxruntime, on the same
-    images. Prints the table; an ONNX row also says how far its labels and logits are from PyTorch's."""
+    images. Prints the table; an ONNX row also says how far its labels and logits are from PyTorch's. Runs on
+    --threads threads and gives the process its own thread count back."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(opts.threads)
+    try:
+        return timed_table(opts, say)
+    finally:  # a caller in the same process (the tests) keeps its float sums split as before
+        torch.set_num_threads(threads)
+
+
+def timed_table(opts, say):
     interpreter, interpreter_dtype = demo_interpreter(opts.seed)
     cfg = interpreter.cfg
     rng = np.random.default_rng(opts.seed)
