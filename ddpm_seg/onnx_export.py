@@ -77,9 +77,9 @@ class OnnxSegmenter(NetworkSegmenter):
     """A NetworkSegmenter whose network is an ONNX file written by export_onnx, run by onnxruntime: it holds no
     torch model (model is None); class names, palette and input size come from the file's metadata."""
 
-    def __init__(self, cfg, session, resolution, architecture):
+    def __init__(self, cfg, runtime, resolution, architecture):
         super().__init__(cfg, None, resolution, architecture)
-        self.session = session
+        self.runtime = runtime  # onnxruntime's loaded graph
 
     @property
     def device(self):
@@ -87,25 +87,28 @@ class OnnxSegmenter(NetworkSegmenter):
         return torch.device("cpu")
 
     @classmethod
-    def load(cls, path):
-        """From an ONNX file written by export_onnx; onnxruntime runs it on CUDA when both it and torch can,
-        else on the CPU."""
+    def load(cls, path, cpu_threads=None):
+        """From an ONNX file written by export_onnx. onnxruntime runs it on CUDA when both it and torch can, else on
+        the CPU; cpu_threads = N runs it on the CPU on N threads (to compare it with PyTorch on the same cores)."""
         ort, = _import("onnxruntime")
         from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument, InvalidGraph, InvalidProtobuf
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path!r} is not a file (expected an .onnx file written by ddpm-seg export)")
         not_ours = f"{path}: not an ONNX file exported by ddpm-seg export"
-        cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+        cuda = (cpu_threads is None and "CUDAExecutionProvider" in ort.get_available_providers()
+                and torch.cuda.is_available())
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         options = ort.SessionOptions()
+        if cpu_threads is not None:
+            options.intra_op_num_threads = cpu_threads
         # onnxruntime's threads otherwise spin for a while after each run, taking the cores from the PyTorch
         # work between runs (upsampling, the vote): 2-4x slower overall on a busy 2-core machine.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            session = ort.InferenceSession(path, options, providers=providers)
+            runtime = ort.InferenceSession(path, options, providers=providers)
         except (InvalidProtobuf, InvalidArgument, InvalidGraph):
             raise ValueError(not_ours) from None
-        metadata = session.get_modelmeta().custom_metadata_map
+        metadata = runtime.get_modelmeta().custom_metadata_map
         if not {EXPERIMENT_KEY, ARCHITECTURE_KEY, RESOLUTION_KEY} <= set(metadata):
             raise ValueError(not_ours)
         try:
@@ -116,11 +119,11 @@ class OnnxSegmenter(NetworkSegmenter):
         if not isinstance(experiment, dict):
             raise ValueError(not_ours)
         cfg = validate_experiment(experiment, f"{path} (metadata {EXPERIMENT_KEY})")
-        return cls(cfg, session, resolution, metadata[ARCHITECTURE_KEY])
+        return cls(cfg, runtime, resolution, metadata[ARCHITECTURE_KEY])
 
     def forward(self, x):
         """Logits [N, C, R, R] of input x [N, 3, R, R] (a CPU tensor), as a CPU tensor."""
-        logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: x.detach().float().contiguous().numpy()})[0]
+        logits = self.runtime.run([OUTPUT_NAME], {INPUT_NAME: x.detach().float().contiguous().numpy()})[0]
         return torch.from_numpy(logits)
 
 

@@ -66,16 +66,9 @@ def random_student(name, cfg, resolution, images):
 
 def onnx_student(segmenter, path, threads):
     """`segmenter`'s network exported to `path` and run by onnxruntime on the CPU on `threads` threads, so that
-    it is compared on the cores PyTorch gets (OnnxSegmenter.load takes CUDA where there is one, and every core)."""
-    import onnxruntime
-
+    it is compared on the cores PyTorch gets."""
     export_onnx(segmenter, path)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    # As OnnxSegmenter.load: threads spinning after a run would take the cores from the upsampling and vote.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return OnnxSegmenter(segmenter.cfg, session, segmenter.resolution[0], segmenter.architecture)
+    return OnnxSegmenter.load(path, cpu_threads=threads)
 
 
 def time_segment(segmenter, images, warmup):
