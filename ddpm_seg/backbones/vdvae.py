@@ -3,8 +3,8 @@ decodes it from its posterior latents.
 
 The paper uses VDVAE as an autoencoder baseline on the face datasets only (FFHQ-34 and CelebA-19, both with the
 public FFHQ-256 model, as none was released for LSUN): intermediate activations of the encoder and the decoder,
-upsampled to the image and concatenated. It names no layers or resolutions; this file reads both networks once
-per resolution:
+upsampled to the image and concatenated. Which layers and resolutions are read is this file's choice, both
+networks once per resolution:
 
 - encoder, resolution r: the encoder's activation at r, the map the decoder's posterior blocks at r read (the
   output of the last encoder block whose output has resolution r);
