@@ -36,6 +36,8 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from guided_diffusion.checkpoint import CheckpointError, load_state_dict_strict, read_state_dict
 
@@ -128,9 +130,6 @@ def is_safetensors(path: str) -> bool:
 
 
 def read_safetensors(path: str, what: str) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, ValueError, OSError) as e:
