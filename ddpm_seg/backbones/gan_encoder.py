@@ -1,14 +1,17 @@
 """GAN Encoder features: a StyleGAN2 inversion encoder (e4e, "Designing an Encoder for StyleGAN Image
 Manipulation", Tov et al. 2021) maps the image to W+, and the features are read from there.
 
-The paper's baseline uses the pretrained encoder that GAN inversion uses; its appendix was not at hand, so
-which activations it reads is not confirmed. Two readings are built, chosen by the config key `features`:
+The paper's GAN Inversion baseline (backbone gan_inversion) finds each image's latent by optimisation; its
+GAN Encoder baseline takes the latent from a pretrained inversion encoder instead. The paper's appendix was not
+at hand to confirm which activations it then reads, so two readings are built, chosen by the config key
+`features`:
 
 - "generator" (default): the StyleGAN2 generator's activations for the encoded latent. The image is encoded
   to W+ codes [num_ws, w_dim], e4e's latent_avg is added as e4e does, and the synthesis network runs on the
-  codes; `blocks` lists the generator resolutions read (one map each, in ascending order). `encoder_path` is
-  the e4e checkpoint, `model_path` the generator (NVIDIA's official config-f pickle, which e4e's decoder
-  was converted from, or a plain state_dict; see stylegan2.load_generator).
+  codes; `blocks` lists the generator resolutions read (each synthesis block's output, ascending).
+  `encoder_path` is the e4e checkpoint, `model_path` the generator (NVIDIA's official config-f pickle, which
+  e4e's decoder was converted from, or a stylegan2.save_generator file), `generator` the name of its
+  architecture (checked against the file; what --random_init builds).
 - "encoder": the encoder's own activations: `blocks` lists the IR-SE-50 body units (0-23) whose outputs
   are read, and `model_path` is the e4e checkpoint; no generator is run.
 
@@ -16,8 +19,8 @@ e4e checkpoints are torch.save dicts {'state_dict', 'opts', 'latent_avg'}: 'stat
 'encoder.' entries, loaded strictly here, and 'decoder.' entries, a rosinality-format copy of the generator,
 which are not used (the generator comes from model_path); 'opts' is a dict of the training options (plain
 values, so the file loads with weights_only=True); 'latent_avg' is the generator's average latent, repeated
-per style [num_ws, w_dim], added to the encoder's output when opts['start_from_latent_avg'] is set. The
-encoder sees the image resized to `encoder_size` (256 as e4e trains and infers) and scaled to [-1, 1].
+per W+ entry [num_ws, w_dim], added to the encoder's output when opts['start_from_latent_avg'] is set. The
+encoder sees the image resized to `encoder_size` (256, as e4e trains and infers) and scaled to [-1, 1].
 """
 
 import numpy as np
@@ -155,6 +158,11 @@ class Encoder4Editing(nn.Module):
     def w_dim(self) -> int:
         return self.styles[0].linear.weight.shape[0]
 
+    def image_input(self, image: np.ndarray, size: int) -> torch.Tensor:
+        """encoder_input on this encoder's device, in its dtype."""
+        weight = self.input_layer[0].weight
+        return encoder_input(image, size, weight.device, weight.dtype)
+
     def body_outputs(self, x: torch.Tensor, units) -> list:
         """The outputs of the body units `units` (ascending indices), running the body no further than needed."""
         x = self.input_layer(x)
@@ -274,8 +282,7 @@ class InvertedGeneratorFeatures:
 
     def encode(self, image: np.ndarray) -> torch.Tensor:
         """W+ codes [N, num_ws, w_dim] of the image(s), latent_avg added where e4e adds it."""
-        weight = self.encoder.input_layer[0].weight
-        codes = self.encoder(encoder_input(image, self.encoder_size, weight.device, weight.dtype))
+        codes = self.encoder(self.encoder.image_input(image, self.encoder_size))
         return codes if self.latent_avg is None else codes + self.latent_avg
 
     @torch.no_grad()
@@ -296,8 +303,7 @@ class EncoderFeatures:
     @torch.no_grad()
     def __call__(self, image: np.ndarray, view: int = 0) -> list:
         """uint8 [H, W, 3] -> one map [C, h, w] per unit read, in unit order; [N, H, W, 3] -> [N, C, h, w]."""
-        weight = self.encoder.input_layer[0].weight
-        x = encoder_input(image, self.encoder_size, weight.device, weight.dtype)
+        x = self.encoder.image_input(image, self.encoder_size)
         return batch_result(image, self.encoder.body_outputs(x, self.units))
 
 
@@ -326,10 +332,15 @@ def check_gan_encoder_config(cfg: dict, path: str) -> None:
         odd = [b for b in cfg["blocks"] if b < 4 or b & (b - 1)]
         if odd:
             raise ValueError(f"{path}: 'blocks' are generator resolutions (powers of two from 4), got {odd}")
+        name = cfg.get("generator")
+        if name is not None and name not in stylegan2.ARCHITECTURES:
+            raise ValueError(f"{path}: 'generator' must name a StyleGAN2 architecture "
+                             f"({sorted(stylegan2.ARCHITECTURES)}), got {name!r}")
     else:
-        if "encoder_path" in cfg:
+        generator_keys = sorted({"encoder_path", "generator"} & set(cfg))
+        if generator_keys:
             raise ValueError(f"{path}: features 'encoder' runs the e4e encoder alone: give its checkpoint as "
-                             "model_path and drop 'encoder_path'")
+                             f"model_path and drop {generator_keys}")
         odd = [b for b in cfg["blocks"] if b >= NUM_UNITS]
         if odd:
             raise ValueError(f"{path}: 'blocks' are encoder body units 0..{NUM_UNITS - 1}, got {odd}")
@@ -349,13 +360,14 @@ def build_gan_encoder(cfg, model_flags, device, seed, random_init, dtype):
             encoder, _ = load_encoder(cfg.model_path, None, ARCHITECTURE)
         encoder.to(device, dtype).eval()
         return EncoderFeatures(encoder, cfg.blocks, encoder_size)
-    generator = build_generator(cfg, seed, random_init)
+    # model_path, or the architecture named by `generator` (checked against the file; what --random_init builds)
+    generator = stylegan2.build_inversion_generator(cfg, seed, random_init)
     too_fine = [r for r in cfg.blocks if r > generator.img_resolution]
     if too_fine:
         raise ValueError(f"blocks {too_fine} exceed the generator's resolution {generator.img_resolution}")
     if random_init:  # seeded with the generator, drawn after it
         encoder = Encoder4Editing(generator.num_ws, **ARCHITECTURE)
-        # The average latent e4e adds is the generator's own (its releases copy the generator's dlatent_avg).
+        # What e4e adds is the generator's average latent (rosinality's conversion copies NVIDIA's dlatent_avg).
         latent_avg = generator.w_avg.expand(generator.num_ws, -1).clone()
     else:
         encoder, latent_avg = load_encoder(options["encoder_path"], generator.num_ws, ARCHITECTURE)
@@ -365,22 +377,3 @@ def build_gan_encoder(cfg, model_flags, device, seed, random_init, dtype):
         latent_avg = latent_avg.to(device, dtype)
     return InvertedGeneratorFeatures(encoder, latent_avg, generator, cfg.blocks, encoder_size)
 
-
-def build_generator(cfg, seed: int, random_init: bool):
-    """The StyleGAN2 generator of model_path, or (random_init) of the architecture named by `generator`,
-    seeded. A loaded generator must be of the architecture `generator` names, where a config names one."""
-    name = cfg.backbone_options.get("generator")
-    if name is not None and name not in stylegan2.ARCHITECTURES:
-        raise ValueError(f"'generator' must name a StyleGAN2 architecture ({sorted(stylegan2.ARCHITECTURES)}), "
-                         f"got {name!r}")
-    if random_init:
-        if name is None:
-            raise ValueError(f"--random_init needs 'generator', the name of a StyleGAN2 architecture "
-                             f"({sorted(stylegan2.ARCHITECTURES)})")
-        torch.manual_seed(seed)
-        return stylegan2.create_generator(name)
-    generator = stylegan2.load_generator(cfg.model_path, torch.device("cpu"))
-    if name is not None and generator.arguments != stylegan2.create_generator(name, "meta").arguments:
-        raise CheckpointError(f"StyleGAN2 generator {cfg.model_path!r} is not a {name} generator ('generator' in "
-                              f"the config): its arguments are {generator.arguments}")
-    return generator
