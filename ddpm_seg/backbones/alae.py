@@ -19,8 +19,8 @@ net.py: EncoderDefault, GeneratorDefault) and follows the release's reconstructi
 Block i of the generator works at 4 * 2^i pixels square; its map is the block's output: after the second
 3x3 conv, noise, bias, leaky ReLU, instance norm and style modulation (AdaIN). `blocks` lists the blocks to
 read (ascending); [] reads every block whose resolution is at most the image's. A block above the image's
-resolution is refused: its map would only be shrunk back. For 256x256 images that is blocks 0-6 of every
-released model (2496 channels for ffhq and celeba-hq256, 2016 for bedroom).
+resolution is refused: its map would only be shrunk back. The experiment configs read every block up to
+256x256, blocks 0-6 (2496 channels for ffhq and celeba-hq256, 2016 for bedroom).
 
 Config key `alae_config` names the released architecture (configs/<name>.yaml): ffhq, bedroom,
 celeba-hq256 or celeba. Released files are the training checkpointer's dict {'models': {name: state_dict},
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guided_diffusion.checkpoint import CheckpointError, load_state_dict_strict, safe_load
+from guided_diffusion.checkpoint import CheckpointError, mismatch_report, safe_load
 
 from . import batch_result, image_noise, image_tensor, register
 
@@ -289,10 +289,9 @@ class ALAEGenerator(nn.Module):
         return outputs
 
 
-def build_alae(layer_count, start_channels, max_channels, latent_size):
-    """(encoder, generator); their state_dict keys are the release's 'discriminator_s' and 'generator_s'."""
-    arch = dict(layer_count=layer_count, start_channels=start_channels, max_channels=max_channels,
-                latent_size=latent_size)
+def build_alae(**arch):
+    """(encoder, generator) of an ARCHITECTURES entry; their state_dict keys are the release's
+    'discriminator_s' and 'generator_s'."""
     return ALAEEncoder(**arch), ALAEGenerator(**arch)
 
 
@@ -331,17 +330,18 @@ def fitting_configs(encoder_state: dict) -> list:
 
 
 def load_alae(encoder, generator, path: str, config_name: str) -> None:
+    """Both models strictly from the file; a mismatch lists the entry's missing, unexpected and wrong-shape keys."""
     encoder_state, generator_state = read_alae_checkpoint(path)
     fits = fitting_configs(encoder_state)
     for model, state_dict, name in ((encoder, encoder_state, ENCODER_ENTRY),
                                     (generator, generator_state, GENERATOR_ENTRY)):
-        try:
-            load_state_dict_strict(model, state_dict, f"{path}'s {name}", hints=None)
-        except CheckpointError as e:
-            if not fits or config_name in fits:
-                raise
-            raise CheckpointError(f"{e}\n  probable cause: the file holds an alae_config {fits[0]!r} model, "
-                                  f"not {config_name!r}") from None
+        report = mismatch_report(model.state_dict(), state_dict)
+        if report:
+            cause = (f"\n  probable cause: the file holds an alae_config {fits[0]!r} model, not {config_name!r}"
+                     if fits and config_name not in fits else "")
+            raise CheckpointError(f"ALAE checkpoint {path!r}: models[{name!r}] does not match alae_config "
+                                  f"{config_name!r}:\n{report}{cause}")
+        model.load_state_dict(state_dict, strict=True)
 
 
 def feature_blocks(blocks: list, layer_count: int, image_side: int) -> list:
