@@ -281,7 +281,16 @@ def test_packaged_table_has_the_official_sources():
     expected |= {f"{b}/{n}" for b in ("ddpm", "mae", "swav", "swav_w2") for n in names}
     expected |= {f"synthetic/{g}/{d}" for g in ("ddpm", "gan") for d in datasets}
     expected |= {"deeplab/resnet101", "deeplab/resnet50", "ddpm/imagenet_256_uncond"}
+    expected |= {"alae/ffhq", "alae/bedroom", "alae/celeba-hq256", "alae/celeba", "vdvae/ffhq256",
+                 "gan_encoder/ffhq", "gan_encoder/horse", "dinov2/vitl14", "dinov2/vitl14_reg4", "dinov2/vitl14_timm"}
+    expected |= {f"stylegan2/{n}" for n in ("ffhq", "cat", "horse", "vgg16", "lpips_vgg")}
     assert set(table) == expected
+    assert table["vdvae/ffhq256"]["urls"] == [
+        "https://openaipublic.blob.core.windows.net/very-deep-vaes-assets/vdvae-assets/ffhq256-iter-1700000-model-ema.th"]
+    assert table["alae/bedroom"]["urls"] == ["https://alaeweights.s3.us-east-2.amazonaws.com/bedroom/model_final.pth"]
+    assert table["stylegan2/horse"]["urls"] == [
+        "https://nvlabs-fi-cdn.nvidia.com/stylegan2/networks/stylegan2-horse-config-f.pkl"]
+    assert table["dinov2/vitl14"]["urls"] == ["https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"]
     assert table["deeplab/resnet101"]["urls"] == ["https://download.pytorch.org/models/resnet101-63fe2227.pth"]
     assert table["datasets"]["urls"] == [f"{yandex}/datasets.tar.gz"]
     openai = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021"
@@ -329,6 +338,11 @@ SCRIPTS = [
     ("checkpoints/swav/download_checkpoint.sh", "lsun_horse", "swav/lsun_horse"),
     ("checkpoints/swav_w2/download_checkpoint.sh", "lsun_bedroom", "swav_w2/lsun_bedroom"),
     ("checkpoints/deeplab/download_checkpoint.sh", "resnet101", "deeplab/resnet101"),
+    ("checkpoints/alae/download_checkpoint.sh", "bedroom", "alae/bedroom"),
+    ("checkpoints/vdvae/download_checkpoint.sh", "ffhq256", "vdvae/ffhq256"),
+    ("checkpoints/gan_encoder/download_checkpoint.sh", "horse", "gan_encoder/horse"),
+    ("checkpoints/dinov2/download_checkpoint.sh", "vitl14", "dinov2/vitl14"),
+    ("checkpoints/stylegan2/download_checkpoint.sh", "cat", "stylegan2/cat"),
     ("synthetic-datasets/ddpm/download_synthetic_dataset.sh", "bedroom_28", "synthetic/ddpm/bedroom_28"),
     ("synthetic-datasets/gan/download_synthetic_dataset.sh", "horse_21", "synthetic/gan/horse_21"),
 ]
