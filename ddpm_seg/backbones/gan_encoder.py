@@ -2,9 +2,8 @@
 Manipulation", Tov et al. 2021) maps the image to W+, and the features are read from there.
 
 The paper's GAN Inversion baseline (backbone gan_inversion) finds each image's latent by optimisation; its
-GAN Encoder baseline takes the latent from a pretrained inversion encoder instead. The paper's appendix was not
-at hand to confirm which activations it then reads, so two readings are built, chosen by the config key
-`features`:
+GAN Encoder baseline takes the latent from a pretrained inversion encoder instead. Two readings of the
+encoded image are built, chosen by the config key `features`:
 
 - "generator" (default): the StyleGAN2 generator's activations for the encoded latent. The image is encoded
   to W+ codes [num_ws, w_dim], e4e's latent_avg is added as e4e does, and the synthesis network runs on the
