@@ -1,9 +1,9 @@
 """Every shipped experiment config of the ALAE, VDVAE, GAN and DINOv2 backbones runs `train-interpreter` end to
 end, on narrow random-weight versions of the paper architectures: the same resolutions, depths and block
 layouts, so each config's own `blocks`, resolution and backbone keys are used as they are. Only the data, the
-sizes of the run, `ignore_label` (the test scenes mark unlabelled pixels 255), `dim[-1]` (the narrow model's feature count) are changed, and for GAN inversion the
-projector's cost (2 steps, squared error instead of LPIPS, whose weights are files).
-"""
+sizes of the run, `ignore_label` (the test scenes mark unlabelled pixels 255) and `dim[-1]` (the narrow model's
+feature count) are changed, and for GAN inversion the projector's cost (2 steps, squared error instead of
+LPIPS, whose weights are files)."""
 
 import json
 from pathlib import Path
