@@ -1,9 +1,10 @@
 """Every shipped experiment config of the ALAE, VDVAE, GAN and DINOv2 backbones runs `train-interpreter` end to
-end, on narrow random-weight versions of the paper architectures: the same resolutions, depths and block
-layouts, so each config's own `blocks`, resolution and backbone keys are used as they are. Only the data, the
-sizes of the run, `ignore_label` (the test scenes mark unlabelled pixels 255) and `dim[-1]` (the narrow model's
-feature count) are changed, and for GAN inversion the projector's cost (2 steps, squared error instead of
-LPIPS, whose weights are files)."""
+end, and `predict` with the trained run labels an image as the evaluation did, on narrow random-weight versions
+of the paper architectures: the same resolutions, depths and block layouts, so each config's own `blocks`,
+resolution and backbone keys are used as they are. Only the data, the sizes of the run, `ignore_label` (the test
+scenes mark unlabelled pixels 255) and `dim[-1]` (the narrow model's feature count) are changed, and for GAN
+inversion the projector's cost (2 steps, squared error instead of LPIPS, whose weights are files).
+"""
 
 import json
 from pathlib import Path
@@ -72,3 +73,7 @@ def test_shipped_config_trains_and_evaluates_at_random_init(narrow, tmp_path, co
     assert 0 <= metrics["miou"] <= 1
     prediction = np.load(folder / "predictions" / "000.npy")
     assert prediction.shape == (size, size) and prediction.max() < shipped["number_class"]
+    # predict rebuilds the backbone from the run's settings: the same labels as the evaluation.
+    assert cli_main(["predict", "--run_dir", str(folder), "--input", str(data / "test" / "000.png"),
+                     "--out", str(tmp_path / "out"), "--device", "cpu", "--format", "npy"]) == 0
+    assert np.array_equal(np.load(tmp_path / "out" / "masks" / "000.npy"), prediction)
