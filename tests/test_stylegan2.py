@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from ddpm_seg.backbones import create_feature_extractor, stylegan2
+from ddpm_seg.backbones import create_feature_extractor, gan_inversion, stylegan2
 from ddpm_seg.backbones.stylegan2 import create_generator, load_generator, save_generator
 from ddpm_seg.cli import main as cli_main
 from ddpm_seg.config import load_experiment, validate_experiment
@@ -489,15 +489,15 @@ def generated_image(generator, seed=5):
 
 
 def inversion(generator, **options):
-    options = {**stylegan2.INVERSION_DEFAULTS, "perceptual_loss": "mse", "inversion_steps": 40, **options}
-    return stylegan2.GANInversionFeatures(generator, None, [8, 32], options, seed=0)
+    options = {**gan_inversion.INVERSION_DEFAULTS, "perceptual_loss": "mse", "inversion_steps": 40, **options}
+    return gan_inversion.GANInversionFeatures(generator, None, [8, 32], options, seed=0)
 
 
 @pytest.mark.parametrize("latent_space, optimize_noise", [("w", True), ("w+", False)])
 def test_inversion_reconstructs_a_generated_image_better_than_w_avg(latent_space, optimize_noise):
     generator = tiny_generator()
     image = generated_image(generator)
-    target = stylegan2.image_tensor(image, "cpu", "symmetric")
+    target = gan_inversion.image_tensor(image, "cpu", "symmetric")
     features = inversion(generator, latent_space=latent_space, optimize_noise=optimize_noise)
     with torch.enable_grad():
         ws, noise = features.project(target, image[None])
@@ -510,13 +510,13 @@ def test_inversion_reconstructs_a_generated_image_better_than_w_avg(latent_space
 
 
 def test_inversion_loss_decreases_and_follows_the_projector_schedule():
-    assert stylegan2.learning_rate(0, 1000, 0.1) == 0
-    assert stylegan2.learning_rate(25, 1000, 0.1) == pytest.approx(0.05)  # half-way up the 5% ramp
-    assert stylegan2.learning_rate(500, 1000, 0.1) == pytest.approx(0.1)
-    assert stylegan2.learning_rate(875, 1000, 0.1) == pytest.approx(0.05)  # half-way down the cosine ramp
+    assert gan_inversion.learning_rate(0, 1000, 0.1) == 0
+    assert gan_inversion.learning_rate(25, 1000, 0.1) == pytest.approx(0.05)  # half-way up the 5% ramp
+    assert gan_inversion.learning_rate(500, 1000, 0.1) == pytest.approx(0.1)
+    assert gan_inversion.learning_rate(875, 1000, 0.1) == pytest.approx(0.05)  # half-way down the cosine ramp
     generator = tiny_generator()
     image = generated_image(generator)
-    target = stylegan2.image_tensor(image, "cpu", "symmetric")
+    target = gan_inversion.image_tensor(image, "cpu", "symmetric")
     losses = []
     for steps in (1, 10, 40):
         with torch.enable_grad():
@@ -533,13 +533,13 @@ def test_inversion_features_are_the_block_outputs_of_the_inverted_latent_and_rep
     assert [tuple(m.shape) for m in maps] == [(2, 16, 8, 8), (2, 4, 32, 32)]
     assert all(m.dtype == torch.float32 for m in maps)
     with torch.enable_grad():
-        ws, noise = features.project(stylegan2.image_tensor(images[1:], "cpu", "symmetric"), images[1:])
+        ws, noise = features.project(gan_inversion.image_tensor(images[1:], "cpu", "symmetric"), images[1:])
     _, expected = generator.synthesis(ws, read=(8, 32), noise=noise)
     alone = features(images[1])  # the same image alone: the same inversion (seeded by its pixels)
     for m, e, a in zip(maps, expected, alone):
         assert torch.allclose(m[1], e[0], atol=1e-5) and torch.allclose(a, m[1], atol=1e-5)
     assert not torch.allclose(maps[0][0], maps[0][1])
-    other_seed = stylegan2.GANInversionFeatures(generator, None, [8, 32], features.options, seed=1)
+    other_seed = gan_inversion.GANInversionFeatures(generator, None, [8, 32], features.options, seed=1)
     assert not torch.allclose(other_seed(images[1])[0], alone[0])
 
 
@@ -550,9 +550,9 @@ def test_bf16_generator_and_bf16_features_stay_close_to_float32():
     half = tiny_generator().to(torch.bfloat16)
     assert torch.allclose(half.synthesis(ws)[0].float(), image, atol=0.15 * float(image.abs().max()))
     image_u8 = generated_image(generator)
-    options = {**stylegan2.INVERSION_DEFAULTS, "perceptual_loss": "mse", "inversion_steps": 5}
-    maps = stylegan2.GANInversionFeatures(generator, None, [8], options, seed=0)(image_u8)
-    maps_bf16 = stylegan2.GANInversionFeatures(generator, None, [8], options, seed=0, dtype=torch.bfloat16)(image_u8)
+    options = {**gan_inversion.INVERSION_DEFAULTS, "perceptual_loss": "mse", "inversion_steps": 5}
+    maps = gan_inversion.GANInversionFeatures(generator, None, [8], options, seed=0)(image_u8)
+    maps_bf16 = gan_inversion.GANInversionFeatures(generator, None, [8], options, seed=0, dtype=torch.bfloat16)(image_u8)
     assert maps_bf16[0].dtype == torch.float32
     assert torch.allclose(maps_bf16[0], maps[0], atol=0.05 * float(maps[0].abs().max()))
 
@@ -561,7 +561,7 @@ def test_inversion_downsamples_the_generated_image_to_the_input_size():
     generator = tiny_generator()
     features = inversion(generator)
     assert features.loss_size(16) == 16 and features.loss_size(64) == 32
-    big = stylegan2.GANInversionFeatures(generator, torch.nn.Identity(), [8], features.options, seed=0)
+    big = gan_inversion.GANInversionFeatures(generator, torch.nn.Identity(), [8], features.options, seed=0)
     assert big.loss_size(1024) == 32
     image = np.ascontiguousarray(generated_image(generator)[::2, ::2])  # a 16x16 input
     maps = features(image)

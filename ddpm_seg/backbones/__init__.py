@@ -169,7 +169,7 @@ def register(model_type: str, **traits):
 
 def backbone(model_type: str) -> Backbone:
     """The registered backbone of that model_type (the built-in ones register when first asked for)."""
-    from . import alae, ddpm, dino, gan_encoder, hf_diffusion, mae, pixels, stylegan2, swav, vdvae  # noqa: F401
+    from . import alae, ddpm, dino, gan_encoder, gan_inversion, hf_diffusion, mae, pixels, swav, vdvae  # noqa: F401
 
     if model_type not in BACKBONES:
         raise ValueError(f"unknown model_type {model_type!r}; available backbones: {sorted(BACKBONES)}")

@@ -360,7 +360,7 @@ def build_gan_encoder(cfg, model_flags, device, seed, random_init, dtype):
         encoder.to(device, dtype).eval()
         return EncoderFeatures(encoder, cfg.blocks, encoder_size)
     # model_path, or the architecture named by `generator` (checked against the file; what --random_init builds)
-    generator = stylegan2.build_inversion_generator(cfg, seed, random_init)
+    generator = stylegan2.build_generator(cfg, seed, random_init)
     too_fine = [r for r in cfg.blocks if r > generator.img_resolution]
     if too_fine:
         raise ValueError(f"blocks {too_fine} exceed the generator's resolution {generator.img_resolution}")
