@@ -1,4 +1,5 @@
 import json
+import os
 import statistics
 import time
 
@@ -273,3 +274,35 @@ def test_students_label_images_variously_and_without_onnx_say_so(monkeypatch, ca
     for flags in (["--students", "lraspp_mobilenet_v3,nope"], ["--student_res", "16"]):
         with pytest.raises(SystemExit):
             bench.build_parser().parse_args(flags)
+
+
+def test_backbones_phase_times_each_config_in_each_dtype(tmp_path, monkeypatch, capsys):
+    """`--phases backbones` on narrow versions of a shipped ALAE and GAN Inversion config: a row per config and
+    dtype, the backbone's feature count, and for GAN Inversion the time per projector step and the config's own
+    steps at that rate (its LPIPS weights random, its steps --inversion_steps)."""
+    from ddpm_seg.backbones import alae, stylegan2
+    for name, arch in list(alae.ARCHITECTURES.items()):
+        monkeypatch.setitem(alae.ARCHITECTURES, name, dict(arch, start_channels=4, max_channels=8, latent_size=8))
+    for name, arch in list(stylegan2.ARCHITECTURES.items()):
+        monkeypatch.setitem(stylegan2.ARCHITECTURES, name, dict(arch, z_dim=8, w_dim=8, mapping_layers=2,
+                                                                channel_max=8))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    configs = [os.path.join(repo, "experiments", "bedroom_28", "alae.json"),
+               os.path.join(repo, "experiments", "horse_21", "gan_inversion.json")]
+    path = tmp_path / "backbones.json"
+    bench.main(["--phases", "backbones", "--configs", ",".join(configs), "--images", "1", "--warmup", "0",
+                "--inversion_steps", "2", "--threads", "2", "--quiet", "--json", str(path)])
+    assert torch.get_num_threads() == 1  # given back
+    rows = json.loads(path.read_text())["backbones"]["results"]
+    assert [(os.path.basename(r["config"]), r["dtype"]) for r in rows] == [
+        ("alae.json", "float32"), ("alae.json", "bfloat16"), ("gan_inversion.json", "float32"),
+        ("gan_inversion.json", "bfloat16")]
+    # Narrow ALAE bedroom: blocks 0-6 at min(8, 4 * 2^(6 - i)) channels; StyleGAN2: 8 channels at 4..256.
+    assert [r["features"] for r in rows] == [6 * 8 + 4] * 2 + [7 * 8] * 2
+    for r in rows:
+        assert len(r["times_s"]) == 1 and r["median_s"] == statistics.median(r["times_s"])
+    for r in rows[2:]:
+        assert r["inversion_steps"] == 2 and r["config_steps"] == 1000
+        assert r["step_s"] == r["median_s"] / 2 and r["config_steps_s"] == r["step_s"] * 1000
+    out = capsys.readouterr().out
+    assert "2 projector steps" in out and "min for the config's 1000" in out

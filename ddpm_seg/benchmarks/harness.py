@@ -66,3 +66,15 @@ def bf16_matmuls(opts):
 def store_dtype(opts):
     # With bf16 matmuls the features are rounded to bfloat16 before use anyway: store them so.
     return torch.bfloat16 if bf16_matmuls(opts) else torch.float16
+
+
+def time_extraction(extractor, images, warmup: int) -> list:
+    """Seconds per image, one image per call, after `warmup` untimed images."""
+    for image in images[:warmup]:
+        extractor(image)
+    times = []
+    for image in images[warmup:]:
+        start = time.perf_counter()
+        extractor(image)
+        times.append(time.perf_counter() - start)
+    return times

@@ -28,12 +28,14 @@ class BenchOptions:
     quality_test: int  # held-out images of the quality check
     quality_epochs: float  # passes over the training pixels per member in the quality check
     archs: list  # diffusers: the UNet sizes measured
-    dtypes: list  # diffusers: the dtypes measured
+    dtypes: list  # diffusers, backbones: the dtypes measured
     size: int  # diffusers: image side in pixels
     steps: list  # diffusers: diffusion steps, one forward of all of them per image
-    images: int  # diffusers: timed images per model and dtype
-    warmup: int  # diffusers, students: untimed images before the timed ones
+    images: int  # diffusers, backbones: timed images per model and dtype
+    warmup: int  # diffusers, backbones, students: untimed images before the timed ones
     students: list  # students: the deeplab.NETWORKS networks timed beside the demo interpreter
+    configs: list  # backbones: the experiment configs whose backbones are timed
+    inversion_steps: int  # backbones: projector steps of a GAN Inversion config
     student_res: int  # students: their input size
     seed: int
     small: bool  # a tiny layout (e2e: a tiny UNet on 32x32 images)

@@ -18,6 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..backbones.hf_diffusion import DiffusersFeatureExtractor, import_diffusers
+from .harness import time_extraction
 
 # unet/config.json of stable-diffusion-v1-5 (the keys that differ from UNet2DConditionModel's defaults or
 # fix the architecture).
@@ -95,18 +96,6 @@ def feature_shapes(arch: str, steps, blocks, size: int) -> tuple:
 def available_gb() -> float:
     with open("/proc/meminfo") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
-
-
-def time_extraction(extractor, images, warmup: int) -> list:
-    """Seconds per image, one image per call, after `warmup` untimed images."""
-    for image in images[:warmup]:
-        extractor(image)
-    times = []
-    for image in images[warmup:]:
-        start = time.perf_counter()
-        extractor(image)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def time_arch(arch, opts, say) -> list:

@@ -1,5 +1,6 @@
 """`ddpm-seg bench`: peak memory and speed of our interpreter pipeline beside the original one, the cost of
-diffusers backbones, and the prediction time of students beside the demo's interpreter.
+diffusers backbones and of the other backbones' configs, and the prediction time of students beside the demo's
+interpreter.
 
 Phases, each approach in its own fresh process so that its peak RSS (ru_maxrss, which never goes
 down) is its own:
@@ -32,6 +33,11 @@ down) is its own:
            (random weights) at --student_res, in PyTorch and, with the onnx extra, in onnxruntime: the same
            32x32 demo scenes, one per call, --warmup untimed, then the median of --predict_runs, in this process
            on --threads threads. The ONNX rows say how far their labels and logits are from PyTorch's.
+  backbones (not run by default) extraction time per image of the backbones of experiment configs (--configs;
+           default ALAE, VDVAE, GAN Encoder, GAN Inversion and DINOv2 ones) at paper size and random weights, in
+           each of --dtypes: --warmup untimed images, then the median of --images, in this process on --threads
+           threads. GAN Inversion runs --inversion_steps projector steps: seconds per step, and its config's own
+           steps at that rate.
 
 Activations of store, train, predict and quality are synthetic (deterministic random maps at the chosen layout),
 so no checkpoint is needed. The original needs about 2.2 GB per 256x256 image at the paper's layout, so it runs
@@ -46,7 +52,7 @@ import os
 from functools import partial
 
 from ..backbones import EXTRACT_DTYPES
-from ..benchmarks import e2e, prediction, quality, stable_diffusion, store, students, training
+from ..benchmarks import backbones, e2e, prediction, quality, stable_diffusion, store, students, training
 from ..benchmarks.extraction import E2E, e2e_layout
 from ..benchmarks.harness import GB
 from ..benchmarks.options import BenchOptions
@@ -59,7 +65,8 @@ from .flags import options_from_flags
 
 # Every phase's measurement, in the order they run.
 MEASURES = {"store": store.measure, "train": training.measure, "predict": prediction.measure, "e2e": e2e.measure,
-            "quality": quality.measure, "diffusers": stable_diffusion.measure, "students": students.measure}
+            "quality": quality.measure, "diffusers": stable_diffusion.measure, "students": students.measure,
+            "backbones": backbones.measure}
 PHASES = tuple(MEASURES)
 DEFAULT_PHASES = SYNTHETIC_PHASES
 TABLE_PHASES = SYNTHETIC_PHASES + ("e2e",)  # the phases with rows in the summary table
@@ -170,18 +177,23 @@ def build_parser():
                         help="diffusers: comma list of " + ", ".join(stable_diffusion.ARCHS))
     parser.add_argument("--dtypes", type=subset_of(tuple(stable_diffusion.DTYPES)),
                         default=list(stable_diffusion.DTYPES),
-                        help="diffusers: comma list of " + ", ".join(stable_diffusion.DTYPES))
+                        help="diffusers, backbones: comma list of " + ", ".join(stable_diffusion.DTYPES))
     parser.add_argument("--size", type=int_at_least(64), default=256, help="diffusers: image side in pixels")
     parser.add_argument("--steps", type=int_list, default=[50, 150],
                         help="diffusers: diffusion steps, one forward of all of them per image (default 50,150)")
-    parser.add_argument("--images", type=positive_int, default=3, help="diffusers: timed images per model and dtype")
+    parser.add_argument("--images", type=positive_int, default=3, help="diffusers, backbones: timed images per model and dtype")
     parser.add_argument("--warmup", type=int_at_least(0), default=1,
-                        help="diffusers, students: untimed images before the timed ones")
+                        help="diffusers, backbones, students: untimed images before the timed ones")
     parser.add_argument("--students", type=subset_of(tuple(NETWORKS)), default=list(students.DEFAULT_STUDENTS),
                         help=f"students: comma list of {', '.join(NETWORKS)} "
                              f"(default {','.join(students.DEFAULT_STUDENTS)})")
     parser.add_argument("--student_res", "--student-res", type=int_at_least(32), default=128,
                         help="students: their input size (images are resized to it, logits back)")
+    parser.add_argument("--configs", type=lambda text: [p for p in text.split(",") if p],
+                        default=list(backbones.DEFAULT_CONFIGS),
+                        help="backbones: comma list of experiment configs (default " + ",".join(backbones.DEFAULT_CONFIGS) + ")")
+    parser.add_argument("--inversion_steps", "--inversion-steps", type=positive_int, default=3,
+                        help="backbones: projector steps of a GAN Inversion config (its own are extrapolated)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true",
                         help="a tiny layout (64x64 images, 1/16 of the channels; e2e: a tiny UNet on 32x32 images)")
