@@ -123,8 +123,10 @@ def test_an_unreadable_input_fails_every_process_after_the_others_are_written(tr
     (folder / "001.png").write_text("not an image")  # input 1: the second process's
     proc = run_predict(trained[2], [folder], out, processes=2)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    # torchrun's report of the failed processes: both exit with 1.
-    assert set(re.findall(r"rank\s*: (\d+).*\n\s*exitcode\s*: (-?\d+)", proc.stderr)) == {("0", "1"), ("1", "1")}
+    # torchrun's report of the failed processes: both exit with 1, but the first exit makes torchrun stop the other,
+    # which may be ended by its SIGTERM (-15) a moment before it exits by itself.
+    exits = dict(re.findall(r"rank\s*: (\d+).*\n\s*exitcode\s*: (-?\d+)", proc.stderr))
+    assert set(exits) == {"0", "1"} and "1" in exits.values() and set(exits.values()) <= {"1", "-15"}, exits
     # The first process names it in the summary, having gathered the second's failures.
     assert proc.stdout.count("failed: ") == 1 and f"failed: {folder / '001.png'}: " in proc.stdout
     assert sorted(os.listdir(out / "masks")) == ["000.png", "002.png", "003.png"]
