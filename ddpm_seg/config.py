@@ -154,6 +154,9 @@ def validate_experiment(cfg: dict, path: str = "<config>") -> Experiment:
     _check_int_list(path, "dim", cfg["dim"], length=3)
     _check_int_list(path, "steps", cfg["steps"])
     cfg["steps"] = _ascending(path, "steps", cfg["steps"])
+    if cfg["steps"] and not traits.noised:
+        raise ValueError(f"{path}: 'steps' must be [] for {cfg['model_type']} (not a diffusion model: no noise steps), "
+                         f"got {cfg['steps']}")
     if not traits.named_blocks:
         _check_int_list(path, "blocks", cfg["blocks"])
         cfg["blocks"] = _ascending(path, "blocks", cfg["blocks"])

@@ -18,7 +18,7 @@ import pickle
 import numpy as np
 import torch
 
-from guided_diffusion.checkpoint import CheckpointError
+from guided_diffusion.checkpoint import CheckpointError, starts_as_pickle
 
 
 class TFNetworkState:
@@ -115,10 +115,8 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def is_pickle(path: str) -> bool:
-    """Pickle protocol 2+ streams start with PROTO (0x80) and the protocol number."""
     with open(path, "rb") as f:
-        head = f.read(2)
-    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+        return starts_as_pickle(f.read(2))
 
 
 def load_pickle(path: str, what: str = "network pickle"):

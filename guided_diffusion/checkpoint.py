@@ -51,7 +51,12 @@ def _looks_like_torch_file(path: str) -> bool:
     truncated download, an image) are not a checkpoint, whatever torch's unpickler makes of them."""
     with open(path, "rb") as f:
         head = f.read(4)
-    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+    return head.startswith(b"PK\x03\x04") or starts_as_pickle(head)
+
+
+def starts_as_pickle(head: bytes) -> bool:
+    """Pickle streams of protocol 2 and later start with PROTO (0x80) and the protocol number."""
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def read_state_dict(path: str, what: str = "DDPM checkpoint", key: str = None) -> dict:

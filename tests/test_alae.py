@@ -5,7 +5,6 @@ Models that compute are small (the release's block structure, fewer blocks, narr
 models are only built on the meta device.
 """
 
-import json
 import math
 import os
 import sys
@@ -21,9 +20,9 @@ from PIL import Image
 
 from ddpm_seg.backbones import alae, create_feature_extractor
 from ddpm_seg.backbones.alae import ALAEFeatureExtractor, build_alae, feature_blocks
-from ddpm_seg.cli import main as cli_main
-from ddpm_seg.config import load_experiment, run_dir, validate_experiment
+from ddpm_seg.config import load_experiment, validate_experiment
 from guided_diffusion.checkpoint import CheckpointError
+from interpreter_runs import train_interpreter
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = REPO / "tests" / "fixtures" / "keys"
@@ -505,12 +504,8 @@ def test_train_interpreter_end_to_end(released, tmp_path, name):
     data = write_two_layouts(tmp_path / "data", {"train": 2, "test": 4}, SIZE)
     cfg = config(name, path, exp_dir=str(tmp_path / "runs"), training_path=str(data / "train"),
                  testing_path=str(data / "test"), testing_number=4)
-    exp = tmp_path / "alae.json"
-    exp.write_text(json.dumps(cfg))
-    cli_main(["train-interpreter", "--exp", str(exp), "--device", "cpu", "--no_pictures"])
-    folder = tmp_path / "runs" / "seed_0"
-    assert folder == Path(run_dir(validate_experiment(cfg), 0))
-    metrics = json.loads((folder / "metrics.json").read_text())
+    folder, metrics = train_interpreter(cfg, tmp_path / "alae.json")
+    assert folder == tmp_path / "runs" / "seed_0"
     assert metrics["model_type"] == "alae"
     # Features that ignore the image's latent are the same for both layouts: with the encoder's output replaced
     # by one fixed latent these runs score 0.43-0.45. With the encoded latent they score 0.87 (ffhq) and 0.98.

@@ -5,7 +5,6 @@ Models that compute are small (paper depths and hooks, narrow widths); the paper
 built on the meta device, where they cost no memory or time.
 """
 
-import json
 import os
 from pathlib import Path
 
@@ -17,10 +16,10 @@ import torchvision
 from ddpm_seg.backbones import create_feature_extractor, mae, swav
 from ddpm_seg.backbones.mae import MAEFeatureExtractor, create_mae_encoder, is_decoder_key
 from ddpm_seg.backbones.swav import SwAVFeatureExtractor, SwAVResNet50
-from ddpm_seg.cli import main as cli_main
-from ddpm_seg.config import load_experiment, run_dir, validate_experiment
+from ddpm_seg.config import load_experiment, validate_experiment
 from guided_diffusion.checkpoint import CheckpointError
 from scenes import write_splits
+from interpreter_runs import train_interpreter
 
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = ["bedroom_28", "ffhq_34", "cat_15", "horse_21", "celeba_19", "ade_bedroom_30"]
@@ -338,13 +337,8 @@ def test_train_interpreter_end_to_end(released, data, tmp_path, model_type, rand
     path, _ = released[model_type]
     cfg = config(model_type, "/nonexistent/model.pth" if random_init else path,
                  exp_dir=str(tmp_path / "runs"), training_path=str(data / "train"), testing_path=str(data / "test"))
-    exp = tmp_path / f"{model_type}.json"
-    exp.write_text(json.dumps(cfg))
-    cli_main(["train-interpreter", "--exp", str(exp), "--device", "cpu", "--no_pictures"]
-             + (["--random_init"] if random_init else []))
-    folder = tmp_path / "runs" / ("random_init" if random_init else "") / "seed_0"  # no steps: no suffix level
-    assert folder == Path(run_dir(validate_experiment(cfg), 0, random_init))
-    metrics = json.loads((folder / "metrics.json").read_text())
+    folder, metrics = train_interpreter(cfg, tmp_path / f"{model_type}.json", *(["--random_init"] if random_init else []))
+    assert folder == tmp_path / "runs" / ("random_init" if random_init else "") / "seed_0"  # no steps: no suffix level
     assert metrics["model_type"] == model_type and metrics["random_init"] == random_init
     # These small random networks' features are coarse and noisy (raw pixels pooled 8x score 0.85 here), but
     # far better than labelling everything background (about 0.24). With 2 training images the score is

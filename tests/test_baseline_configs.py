@@ -15,8 +15,9 @@ import torch
 
 from ddpm_seg.backbones import alae, create_feature_extractor, dino, gan_encoder, stylegan2, vdvae
 from ddpm_seg.cli import main as cli_main
-from ddpm_seg.config import run_dir, validate_experiment
+from ddpm_seg.config import validate_experiment
 from scenes import write_splits
+from interpreter_runs import train_interpreter
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("alae", "vdvae", "gan_inversion", "gan_encoder", "dinov2")
@@ -63,12 +64,7 @@ def test_shipped_config_trains_and_evaluates_at_random_init(narrow, tmp_path, co
     probe = create_feature_extractor(validate_experiment(cfg), {}, torch.device("cpu"), random_init=True)
     maps = probe(np.zeros((size, size, 3), np.uint8))
     cfg["dim"] = [size, size, sum(m.shape[0] for m in maps)]
-    exp = tmp_path / "exp.json"
-    exp.write_text(json.dumps(cfg))
-    cli_main(["train-interpreter", "--exp", str(exp), "--device", "cpu", "--random_init", "--no_pictures",
-              "--epochs", "1"])
-    folder = Path(run_dir(validate_experiment(cfg), 0, True))
-    metrics = json.loads((folder / "metrics.json").read_text())
+    folder, metrics = train_interpreter(cfg, tmp_path / "exp.json", "--random_init", "--epochs", "1")
     assert metrics["model_type"] == shipped["model_type"] and metrics["random_init"] is True
     assert 0 <= metrics["miou"] <= 1
     prediction = np.load(folder / "predictions" / "000.npy")

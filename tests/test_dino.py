@@ -6,7 +6,6 @@ Models that compute are small (ViT-L's 24 blocks, 32 channels); the paper-size m
 meta device.
 """
 
-import json
 import os
 import pickle
 from pathlib import Path
@@ -20,10 +19,10 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from ddpm_seg.backbones import create_feature_extractor, dino
-from ddpm_seg.cli import main as cli_main
-from ddpm_seg.config import load_experiment, run_dir, validate_experiment
+from ddpm_seg.config import load_experiment, validate_experiment
 from guided_diffusion.checkpoint import CheckpointError
 from scenes import write_splits
+from interpreter_runs import train_interpreter
 from test_backbones import random_image, read_listing
 
 REPO = Path(__file__).resolve().parent.parent
@@ -393,13 +392,8 @@ def test_train_interpreter_end_to_end(released, data, tmp_path, name, random_ini
     model_type = keys["model_type"]
     cfg = config(model_path="/nonexistent/model.pth" if random_init else path, **keys, exp_dir=str(tmp_path / "runs"),
                  training_path=str(data / "train"), testing_path=str(data / "test"))
-    exp = tmp_path / f"{model_type}.json"
-    exp.write_text(json.dumps(cfg))
-    cli_main(["train-interpreter", "--exp", str(exp), "--device", "cpu", "--no_pictures"]
-             + (["--random_init"] if random_init else []))
-    folder = Path(run_dir(validate_experiment(cfg), 0, random_init))
+    folder, metrics = train_interpreter(cfg, tmp_path / f"{model_type}.json", *(["--random_init"] if random_init else []))
     assert folder == tmp_path / "runs" / ("random_init" if random_init else "") / "seed_0"
-    metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["model_type"] == model_type and metrics["random_init"] == random_init
     # As for MAE's small ViT (tests/test_backbones.py): coarse 8x8 maps of a narrow random network, well above
     # labelling everything background (about 0.24), noisy with 2 training images.

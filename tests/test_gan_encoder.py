@@ -7,7 +7,6 @@ channels and 16-wide codes; the generator is a 32-pixel StyleGAN2 (8 W+ entries,
 heads all run). The paper-size encoder is only built on the meta device.
 """
 
-import json
 import os
 import pickle
 from pathlib import Path
@@ -21,10 +20,10 @@ from PIL import Image
 from ddpm_seg.backbones import create_feature_extractor, gan_encoder, stylegan2
 from ddpm_seg.backbones.gan_encoder import (EncoderFeatures, Encoder4Editing, InvertedGeneratorFeatures, IRSEUnit,
                                             encoder_input)
-from ddpm_seg.cli import main as cli_main
-from ddpm_seg.config import load_experiment, run_dir, validate_experiment
+from ddpm_seg.config import load_experiment, validate_experiment
 from guided_diffusion.checkpoint import CheckpointError
 from scenes import write_splits
+from interpreter_runs import train_interpreter
 
 REPO = Path(__file__).resolve().parent.parent
 LISTING = REPO / "tests" / "fixtures" / "keys" / "e4e_ffhq_encoder.txt"
@@ -429,12 +428,8 @@ def data(tmp_path):
 def test_train_interpreter_end_to_end(released, data, tmp_path, features):
     cfg = config(released, features=features, exp_dir=str(tmp_path / "runs"), training_path=str(data / "train"),
                  testing_path=str(data / "test"))
-    exp = tmp_path / "gan_encoder.json"
-    exp.write_text(json.dumps(cfg))
-    cli_main(["train-interpreter", "--exp", str(exp), "--device", "cpu", "--no_pictures"])
-    folder = tmp_path / "runs" / "seed_0"
-    assert folder == Path(run_dir(validate_experiment(cfg), 0))
-    metrics = json.loads((folder / "metrics.json").read_text())
+    folder, metrics = train_interpreter(cfg, tmp_path / "gan_encoder.json")
+    assert folder == tmp_path / "runs" / "seed_0"
     assert metrics["model_type"] == "gan_encoder"
     assert np.load(folder / "predictions" / "000.npy").shape == (SIZE, SIZE)
     if features == "encoder":

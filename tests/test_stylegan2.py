@@ -7,7 +7,6 @@ the meta device.
 """
 
 import collections
-import json
 import math
 import os
 import pickle
@@ -24,11 +23,11 @@ from PIL import Image
 
 from ddpm_seg.backbones import create_feature_extractor, gan_inversion, stylegan2
 from ddpm_seg.backbones.stylegan2 import create_generator, load_generator, save_generator
-from ddpm_seg.cli import main as cli_main
 from ddpm_seg.config import load_experiment, validate_experiment
 from ddpm_seg.lpips import LPIPS, load_lpips
 from ddpm_seg.safe_pickle import PersistentObject, load_pickle
 from guided_diffusion.checkpoint import CheckpointError
+from interpreter_runs import train_interpreter
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = REPO / "tests" / "fixtures" / "keys"
@@ -630,13 +629,10 @@ def test_random_init_builds_the_named_architecture_seeded(monkeypatch):
                                  random_init=True)
 
 
-def train_interpreter(tmp_path, model_path, data, name, **overrides):
+def inverted_run_metrics(tmp_path, model_path, data, name, **overrides):
     cfg = config(model_path, exp_dir=str(tmp_path / name), training_path=str(data / "train"),
                  testing_path=str(data / "test"), **overrides)
-    exp = tmp_path / f"{name}.json"
-    exp.write_text(json.dumps(cfg))
-    cli_main(["train-interpreter", "--exp", str(exp), "--device", "cpu", "--no_pictures"])
-    return json.loads((tmp_path / name / "seed_0" / "metrics.json").read_text())
+    return train_interpreter(cfg, tmp_path / f"{name}.json")[1]
 
 
 def unsaturated_generator():
@@ -678,12 +674,12 @@ def test_train_interpreter_end_to_end_on_a_tensorflow_pickle(tmp_path, foreign_m
     # In W, with the stored noise, 150 steps recover most of this generator's w of an image it made (the
     # inverted features correlate with the true ones at about 0.9), so a classifier reads the labels off the
     # features and carries them to the test images (0.75 here).
-    metrics = train_interpreter(tmp_path, tmp_path / "stylegan2-tiny.pkl", data, "runs", latent_space="w",
+    metrics = inverted_run_metrics(tmp_path, tmp_path / "stylegan2-tiny.pkl", data, "runs", latent_space="w",
                                 optimize_noise=False, inversion_steps=150)
     assert metrics["model_type"] == "gan_inversion"
     assert np.load(tmp_path / "runs" / "seed_0" / "predictions" / "000.npy").shape == (SIZE, SIZE)
     # Without inversion (one step, whose learning rate is 0) every image gets w_avg's features, which tell
     # only what all four images share (0.32 here).
-    blind = train_interpreter(tmp_path, tmp_path / "stylegan2-tiny.pkl", data, "blind", latent_space="w",
+    blind = inverted_run_metrics(tmp_path, tmp_path / "stylegan2-tiny.pkl", data, "blind", latent_space="w",
                               optimize_noise=False, inversion_steps=1)
     assert metrics["miou"] > 0.6 and metrics["miou"] > blind["miou"] + 0.25

@@ -6,7 +6,6 @@ Models that compute are small (the FFHQ-256 block-string structure at every reso
 per level, width 16); the paper-size model is only built on the meta device.
 """
 
-import json
 import os
 from pathlib import Path
 
@@ -17,10 +16,10 @@ import torch.nn.functional as F
 
 from ddpm_seg.backbones import create_feature_extractor, image_noise, vdvae
 from ddpm_seg.backbones.vdvae import VDVAE, VDVAEFeatureExtractor
-from ddpm_seg.cli import main as cli_main
 from ddpm_seg.config import load_experiment, validate_experiment
 from guided_diffusion.checkpoint import CheckpointError, load_state_dict_strict
 from scenes import write_splits
+from interpreter_runs import train_interpreter
 
 REPO = Path(__file__).resolve().parent.parent
 LISTING = REPO / "tests" / "fixtures" / "keys" / "vdvae_ffhq256.txt"
@@ -325,11 +324,8 @@ def test_train_interpreter_end_to_end(released, tmp_path):
     data = write_splits(tmp_path / "data", {"train": 2, "test": 2}, size=SIZE, bar=SIZE // 4)
     cfg = config(path, exp_dir=str(tmp_path / "runs"), training_path=str(data / "train"),
                  testing_path=str(data / "test"))
-    exp = tmp_path / "vdvae.json"
-    exp.write_text(json.dumps(cfg))
-    cli_main(["train-interpreter", "--exp", str(exp), "--device", "cpu", "--no_pictures"])
-    folder = tmp_path / "runs" / "seed_0"
-    metrics = json.loads((folder / "metrics.json").read_text())
+    folder, metrics = train_interpreter(cfg, tmp_path / "vdvae.json")
+    assert folder == tmp_path / "runs" / "seed_0"
     assert metrics["model_type"] == "vdvae"
     # These features score about 0.99 here (the encoder's full-resolution map keeps the pixels, which carry the
     # labels); the decoder's maps alone about 0.46; labelling everything background about 0.24.

@@ -317,8 +317,6 @@ def check_gan_encoder_config(cfg: dict, path: str) -> None:
     if not (16 <= size <= ENCODER_SIZE and size % 16 == 0):
         raise ValueError(f"{path}: 'encoder_size' must be a multiple of 16 in 16..{ENCODER_SIZE} (the style heads "
                          f"pool a {ENCODER_SIZE}-pixel input's maps down to one pixel), got {size}")
-    if cfg["steps"]:
-        raise ValueError(f"{path}: 'steps' must be [] for gan_encoder (no diffusion steps), got {cfg['steps']}")
     if cfg["input_activations"]:
         raise ValueError(f"{path}: 'input_activations' must be false for gan_encoder: the maps read are outputs")
     if not cfg["blocks"]:

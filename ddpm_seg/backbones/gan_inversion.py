@@ -51,8 +51,6 @@ INVERSION_CONFIG_KEYS = {
 def check_inversion_config(cfg: dict, path: str) -> None:
     """Refuse gan_inversion settings that cannot run, one line each."""
     options = {**INVERSION_DEFAULTS, **{k: v for k, v in cfg.items() if k in INVERSION_CONFIG_KEYS}}
-    if cfg["steps"]:
-        raise ValueError(f"{path}: 'steps' must be [] for gan_inversion (no diffusion steps), got {cfg['steps']}")
     if not cfg["blocks"] or any(b < 4 or b & (b - 1) for b in cfg["blocks"]):
         raise ValueError(f"{path}: 'blocks' must list generator resolutions to read (powers of two from 4), "
                          f"got {cfg['blocks']}")
